@@ -1,0 +1,3 @@
+from teasr_cli.cli import main
+
+main()
