@@ -1,0 +1,214 @@
+"""The `teasr` command line: thin wrappers over the library; the only module that prints."""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from teasr_cli.errors import ImageWriteError, TeasrError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="teasr: x4 photo upscaling with an any-step diffusion transformer (TEASR).")
+console = Console(stderr=True)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+
+
+def fail(msg: str, code: int = 2):
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _warn(message, category, filename, lineno, file=None, line=None):
+    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------ shared options
+ModelOpt = typer.Option(None, "--model", "-m", help="Model: a name (see `teasr models`), a local folder, or a Hub repo `org/name[@revision]`. Default: the embedded model.")
+StepsOpt = typer.Option(1, "--steps", "-s", min=1, help="Sampling steps: 1 is fastest and most faithful, more adds natural detail.")
+SeedOpt = typer.Option(0, "--seed", help="Noise seed: same seed, same output.")
+TileOpt = typer.Option(None, "--tile", min=1, help="Tile size in latent pixels (default: auto from image size and memory).")
+OverlapOpt = typer.Option(None, "--tile-overlap", min=0, help="Tile overlap in latent pixels (default: a quarter of the tile).")
+ColorOpt = typer.Option("wavelet", "--color-fix", help="Colour correction toward the input: wavelet, adain or none.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (half precision needs a GPU to pay off).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch (default: all cores).")
+FormatOpt = typer.Option(None, "--format", "-f", help="Output format (png, jpg, webp, tiff, bmp); default from the output suffix.")
+QualityOpt = typer.Option(95, "--quality", min=1, max=100, help="JPEG/WebP quality.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output files.")
+MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1, help="Refuse inputs with more pixels than this (decompression-bomb guard; default 100M).")
+
+
+def _load(model, device, dtype, threads):
+    from teasr_cli.pipeline import Upscaler
+
+    with console.status("loading model..."):
+        return Upscaler.from_pretrained(model, device=device, dtype=dtype, threads=threads)
+
+
+def _settings(steps, seed, tile, tile_overlap, color_fix):
+    from teasr_cli.pipeline import UpscaleSettings
+
+    return UpscaleSettings(steps=steps, seed=seed, tile=tile, tile_overlap=tile_overlap, color_fix=color_fix)
+
+
+def _suffix_for(fmt: Optional[str], default: str) -> str:
+    if not fmt:
+        return default
+    fmt = fmt.lower().lstrip(".")
+    return {"jpeg": ".jpg", "tif": ".tiff"}.get(fmt, "." + fmt)
+
+
+def _upscale_file(up, src: Path, dst: Path, settings, fmt, quality, max_pixels, callback=None):
+    from teasr_cli.imageio import DEFAULT_MAX_PIXELS, read_image, write_image
+
+    pic = read_image(src, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    out = up.upscale_picture(pic, settings, callback)
+    write_image(out, dst, fmt=fmt, quality=quality, overwrite=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (b.exists() and a.exists() and a.samefile(b))
+
+
+@app.command(epilog="""[bold]Examples[/]\n
+  teasr upscale photo.jpg                       [dim]# -> photo_x4.jpg, 1 step[/]\n
+  teasr upscale photo.jpg --steps 4 -o big.png  [dim]# more natural detail[/]\n
+  teasr upscale scan.tif --model org/name@v1 --device cuda --dtype bf16""")
+def upscale(
+    input: Path = typer.Argument(..., help="Image to upscale (JPEG, PNG, WebP, TIFF, BMP)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: INPUT_x4 with the input's suffix)."),
+    model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
+    tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
+    overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt,
+):
+    """Upscale one image x4."""
+    from teasr_cli.imageio import output_format
+
+    try:
+        if not input.is_file():
+            raise TeasrError(f"{input}: no such file" if not input.exists() else f"{input}: not a file")
+        dst = output or input.with_name(f"{input.stem}_x4{_suffix_for(format, input.suffix)}")
+        output_format(dst, format)   # an unknown format fails now, not after minutes of sampling
+        if _same_file(input, dst):
+            raise ImageWriteError(f"{dst}: output would overwrite the input; choose another -o")
+        if dst.exists() and not overwrite:
+            raise ImageWriteError(f"{dst} exists; pass --overwrite to replace it")
+        if not dst.parent.exists():
+            raise ImageWriteError(f"{dst.parent}: output folder does not exist")
+        up = _load(model, device, dtype, threads)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(f"upscaling {input.name}", total=steps)
+            _upscale_file(up, input, dst, _settings(steps, seed, tile, tile_overlap, color_fix), format, quality,
+                          max_pixels, callback=lambda i, n, z: bar.update(task, completed=i))
+    except TeasrError as e:
+        fail(str(e))
+    console.print(f"wrote {dst}", highlight=False)
+
+
+def _collect(folder: Path, pattern: str, recursive: bool, outdir: Path) -> list[Path]:
+    files = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    out = outdir.resolve()
+    return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and out not in p.resolve().parents)   # never re-upscale our own outputs
+
+
+@app.command(epilog="""[bold]Examples[/]\n
+  teasr batch ./photos                          [dim]# -> ./photos_x4/[/]\n
+  teasr batch ./photos -o ./big -r --glob '*.jpg' --steps 4\n
+  teasr batch ./photos -f png                   [dim]# interrupted? run again: finished files are skipped[/]""")
+def batch(
+    folder: Path = typer.Argument(..., help="Folder of images."),
+    outdir: Optional[Path] = typer.Option(None, "--output", "-o", help="Output folder (default: FOLDER_x4 beside FOLDER)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders; the folder tree is kept in the output."),
+    glob: str = typer.Option("*", "--glob", "-g", help="Only files matching this pattern, e.g. '*.jpg'."),
+    model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
+    tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
+    threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
+    overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt,
+):
+    """Upscale every image in a folder x4; resumes where an interrupted run stopped."""
+    from teasr_cli.imageio import output_format
+
+    if not folder.is_dir():
+        fail(f"{folder}: no such folder")
+    outdir = outdir or folder.with_name(folder.resolve().name + "_x4")
+    if outdir.resolve() == folder.resolve():
+        fail("the output folder is the input folder; choose another -o so no input is overwritten")
+    try:
+        if format:
+            output_format(Path("x" + _suffix_for(format, ".png")), format)
+        outdir.mkdir(parents=True, exist_ok=True)
+    except TeasrError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"cannot create output folder {outdir}: {e.strerror}")
+    files = _collect(folder, glob, recursive, outdir)
+    if not files:
+        fail(f"no images matching {glob!r} in {folder}" + ("" if recursive else " (use -r for subfolders)"), code=1)
+    jobs = [(src, outdir / src.relative_to(folder).with_suffix(_suffix_for(format, src.suffix))) for src in files]
+    todo = [(s, d) for s, d in jobs if overwrite or not d.exists()]
+    skipped = len(jobs) - len(todo)
+    try:
+        up = _load(model, device, dtype, threads) if todo else None
+    except TeasrError as e:
+        fail(str(e))
+    settings = _settings(steps, seed, tile, tile_overlap, color_fix)
+    failed: list[tuple[Path, str]] = []
+    t0 = time.time()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("upscaling", total=len(todo))
+        for src, dst in todo:
+            bar.update(task, description=f"{src.name[:30]:30}")
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _upscale_file(up, src, dst, settings, format, quality, max_pixels)
+            except TeasrError as e:
+                failed.append((src, str(e)))
+            except Exception as e:   # one odd file must not stop a long batch; it is reported below
+                failed.append((src, f"{type(e).__name__}: {e}"))
+            bar.advance(task)
+    table = Table(title="teasr batch", show_header=False)
+    table.add_row("upscaled", str(len(todo) - len(failed)))
+    table.add_row("skipped (output exists)", str(skipped))
+    table.add_row("failed", str(len(failed)))
+    table.add_row("output folder", str(outdir))
+    table.add_row("time", f"{time.time() - t0:.1f} s")
+    console.print(table)
+    for src, msg in failed:
+        console.print(f"[red]failed:[/] {src}: {msg}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models():
+    """List the embedded and known models."""
+    from teasr_cli.hub import list_models
+
+    table = Table("name", "where", "description")
+    for row in list_models():
+        table.add_row(*row)
+    Console().print(table)
+
+
+def main():
+    warnings.showwarning = _warn
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

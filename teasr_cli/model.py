@@ -1,0 +1,308 @@
+"""Native dual-branch DiT with Decoupled Timestep Condition (DESIGN.md section 2).
+
+    z_t  --patchify--> noise tokens  (adaLN from t_embedder(t_cur))
+    z_lq --patchify--> cond tokens   (adaLN from t2_embedder(t_tar))
+    [noise ; cond] --> depth x joint-attention DiT blocks --> noise tokens --> final_layer --> v
+
+Both token sets share one grid (same 2-D RoPE positions), so attention is spatially aligned,
+and RoPE carries no absolute position, which keeps the model translation-equivariant (tiles
+of an image see the same function as the whole image).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DiTConfig:
+    latent_channels: int = 48     # channels of the codec latent (pixel-unshuffle f=4 on RGB: 3*4*4)
+    patch_size: int = 2           # latent pixels per token side
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    rope_theta: float = 100.0     # grids are small (tiles), a short base wavelength suits them
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiT config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def branch_linear(lin: nn.Module, x: torch.Tensor, n_noise: int) -> torch.Tensor:
+    """Apply `lin` to [noise ; cond] tokens so that a LoRA on `lin` reaches condition tokens only.
+
+    peft wraps a LoRA'd Linear and exposes the frozen original as `.base_layer`: noise tokens go
+    through the base weight, condition tokens through base + B A (the noise branch stays the frozen prior).
+    """
+    if hasattr(lin, "base_layer"):
+        return torch.cat([lin.base_layer(x[:, :n_noise]), lin(x[:, n_noise:])], dim=1)
+    return lin(x)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar times in [-1, 1]; the x1000 scaling lives only here (DESIGN section 1)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        # float32 sinusoid, as in DiT: low precision here would blur neighbouring times
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = (t.float() * 1000)[:, None] * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        emb = self.timestep_embedding(t, self.freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def rope_2d(h: int, w: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (h*w, head_dim/2) of axial 2-D rotary embeddings: half the pairs rotate with y, half with x."""
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
+                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (h*w, head_dim/2)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, heads, L, head_dim) with pairs interleaved as (even, odd)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)   # QK-norm keeps attention logits tame at any resolution
+        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin, n_noise):
+        B, L, D = x.shape
+        qkv = branch_linear(self.qkv, x, n_noise).reshape(B, L, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                               # (B, heads, L, head_dim) each
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        x = F.scaled_dot_product_attention(q, k, v)                        # joint attention over both branches
+        return branch_linear(self.proj, x.transpose(1, 2).reshape(B, L, D), n_noise)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x, n_noise):
+        return branch_linear(self.fc2, F.gelu(branch_linear(self.fc1, x, n_noise), approximate="tanh"), n_noise)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero DiT block with per-branch modulation: noise tokens by c_noise, condition tokens by c_cond."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def modulation(self, c_noise, c_cond, n_noise, n_cond):
+        """Per-token (shift, scale, gate) x 2, each (B, L, D): the two times never mix in one embedding."""
+        mods = [self.adaLN_modulation(c).unsqueeze(1) for c in (c_noise, c_cond)]
+        per_tok = torch.cat([mods[0].expand(-1, n_noise, -1), mods[1].expand(-1, n_cond, -1)], dim=1)
+        return per_tok.chunk(6, dim=-1)
+
+    def forward(self, x, c_noise, c_cond, cos, sin, n_noise):
+        sh1, sc1, g1, sh2, sc2, g2 = self.modulation(c_noise, c_cond, n_noise, x.shape[1] - n_noise)
+        x = x + g1 * self.attn(self.norm1(x) * (1 + sc1) + sh1, cos, sin, n_noise)
+        x = x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2, n_noise)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class TeasrDiT(nn.Module):
+    """v = model(z_t, t_cur, z_lq, t_tar): velocity (eps - z0) for latents of any size."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = c = config
+        assert c.hidden_size % c.num_heads == 0 and (c.hidden_size // c.num_heads) % 4 == 0, "head_dim must be a multiple of 4 (2-D RoPE)"
+        patch_dim = c.latent_channels * c.patch_size ** 2
+        self.x_embedder = nn.Linear(patch_dim, c.hidden_size)    # noise branch input
+        self.c_embedder = nn.Linear(patch_dim, c.hidden_size)    # condition branch input (LQ latent)
+        self.t_embedder = TimestepEmbedder(c.hidden_size)        # t_cur -> noise-token modulation
+        self.t2_embedder = TimestepEmbedder(c.hidden_size)       # t_tar -> condition-token modulation
+        self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.final_layer = FinalLayer(c.hidden_size, patch_dim)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        for emb in (self.t_embedder, self.t2_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        self.t2_embedder.load_state_dict(self.t_embedder.state_dict())   # temb2 starts as a copy of temb
+        # adaLN-Zero: every block starts as the identity and the model outputs zero velocity
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def patchify(self, z):
+        p = self.config.patch_size
+        B, C, H, W = z.shape
+        z = z.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return z.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, x, h, w):
+        p, C = self.config.patch_size, self.config.latent_channels
+        x = x.reshape(x.shape[0], h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(x.shape[0], C, h * p, w * p)
+
+    @staticmethod
+    def _times(t, batch, device):
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        return t.expand(batch) if t.ndim == 0 else t
+
+    def forward(self, z_t, t_cur, z_lq, t_tar):
+        """z_t, z_lq: (B, C, H, W) latents; t_cur, t_tar: floats or (B,) in [-1, 1]. Returns v like z_t."""
+        B, _, H, W = z_t.shape
+        p = self.config.patch_size
+        ph, pw = (-H) % p, (-W) % p
+        if ph or pw:   # odd sizes: pad to whole patches (replicate keeps borders natural), crop the output
+            z_t = F.pad(z_t, (0, pw, 0, ph), mode="replicate")
+            z_lq = F.pad(z_lq, (0, pw, 0, ph), mode="replicate")
+        h, w = (H + ph) // p, (W + pw) // p
+        n = h * w
+        x = torch.cat([self.x_embedder(self.patchify(z_t)), self.c_embedder(self.patchify(z_lq))], dim=1)  # (B, 2n, D)
+        c_noise = self.t_embedder(self._times(t_cur, B, z_t.device))        # (B, D)
+        c_cond = self.t2_embedder(self._times(t_tar, B, z_t.device))        # (B, D)
+        cos, sin = rope_2d(h, w, self.config.hidden_size // self.config.num_heads, self.config.rope_theta, z_t.device)
+        cos, sin = cos.repeat(2, 1).to(x.dtype), sin.repeat(2, 1).to(x.dtype)   # condition tokens reuse the noise positions
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, use_reentrant=False)
+            else:
+                x = block(x, c_noise, c_cond, cos, sin, n)
+        v = self.unpatchify(self.final_layer(x[:, :n], c_noise), h, w)     # only noise tokens carry the velocity
+        return v[:, :, :H, :W]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folders: config.json (backbone, codec, DiT sizes) + model.safetensors (DESIGN section 6)
+
+FORMAT_VERSION = 1
+
+
+def model_config(dit: DiTConfig, codec: dict, scale: int = 4, **meta) -> dict:
+    return {"teasr_format": FORMAT_VERSION, "backbone": "native", "scale": scale, "codec": codec,
+            "model": dit.to_dict(), **meta}
+
+
+def save_pretrained(model: nn.Module, config: dict, folder, dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors atomically (temp names, then rename)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
+    (folder / "config.json.tmp").write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    os.replace(folder / "config.json.tmp", folder / "config.json")
+
+
+def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
+    """load_state_dict with a one-line ModelError that says how the weights and the config disagree."""
+    from teasr_cli.errors import ModelError
+
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(s for s in (
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+            f"{len(shapes)} with other shapes (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)})" if shapes else "",
+        ) if s)
+        raise ModelError(f"weights in {source} do not match its config.json: {detail}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def load_pretrained(folder) -> tuple[nn.Module, dict]:
+    """(model, config) from a local model folder; float32 weights on the CPU."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from teasr_cli.errors import ModelError
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {e}") from None
+    backbone = config.get("backbone", "native")
+    if backbone != "native":
+        from teasr_cli.backbones import load_backbone
+        return load_backbone(backbone, folder, config), config
+    try:
+        model = TeasrDiT(DiTConfig.from_dict(config["model"]))
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise ModelError(f"invalid model config in {folder / 'config.json'}: {e}") from None
+    try:
+        state = load_file(folder / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        raise ModelError(f"cannot read {folder / 'model.safetensors'}: {e}") from None
+    load_state_strict(model, state, str(folder / "model.safetensors"))
+    return model.eval(), config

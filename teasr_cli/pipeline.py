@@ -1,0 +1,178 @@
+"""Upscaler: image -> bicubic x4 -> encode -> any-step sampling (tiled) -> decode -> colour fix -> image."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from teasr_cli.codecs import build_codec
+from teasr_cli.errors import TeasrError
+from teasr_cli.sampler import sample
+from teasr_cli.tiling import TiledVelocity
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COLOR_FIXES = ("wavelet", "adain", "none")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TeasrError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TeasrError("--device mps asked for, but this PyTorch has no MPS (Apple GPU) support; use --device cpu or auto")
+    if device not in ("cpu", "cuda", "mps"):
+        raise TeasrError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    return torch.device(device)
+
+
+def _gaussian_blur(x, sigma: float):
+    k = int(2 * round(3 * sigma) + 1)
+    ax = torch.arange(k, dtype=x.dtype, device=x.device) - k // 2
+    g = torch.exp(-ax ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).view(1, 1, 1, k).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.transpose(2, 3), groups=x.shape[1])
+
+
+def wavelet_color_fix(out, ref, levels: int = 5):
+    """Keep the output's high frequencies and the reference's low ones (StableSR's wavelet fix):
+    removes the slow colour drift a generative model can add, without touching detail."""
+    def low(x):
+        for i in range(levels):
+            x = _gaussian_blur(x, sigma=2.0 ** i)
+        return x
+    return out - low(out) + low(ref)
+
+
+def adain_color_fix(out, ref, eps: float = 1e-5):
+    """Match each channel's mean and std to the reference."""
+    mo, so = out.mean((2, 3), keepdim=True), out.std((2, 3), keepdim=True)
+    mr, sr = ref.mean((2, 3), keepdim=True), ref.std((2, 3), keepdim=True)
+    return (out - mo) / (so + eps) * sr + mr
+
+
+def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> int:
+    """Largest square latent tile whose token count stays within a budget that fits the memory here.
+
+    Attention grows with tokens squared, so the budget (tokens per branch) is what bounds the peak;
+    on a CPU a 32x32-token tile also keeps the per-tile overhead small.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        tokens = 4096 if free > 16 * 2**30 else 2048
+    else:
+        tokens = 1024
+    side = int(tokens ** 0.5) * patch
+    return min(side, max(latent_hw))
+
+
+@dataclass
+class UpscaleSettings:
+    steps: int = 1
+    seed: int = 0
+    tile: int | None = None         # latent pixels; None = auto
+    tile_overlap: int | None = None  # latent pixels; None = tile // 4
+    tile_batch: int = 1
+    color_fix: str = "wavelet"
+
+
+class Upscaler:
+    """x4 upscaler around a velocity model `v = model(z_t, t_cur, z_lq, t_tar)` and a latent codec.
+
+    >>> up = Upscaler.from_pretrained()            # embedded model; or a folder / "org/name@rev"
+    >>> sr = up(Image.open("photo.jpg"), steps=4, seed=0)
+    """
+
+    def __init__(self, model, codec, scale: int = 4, device: str | torch.device = "cpu", dtype: str = "fp32"):
+        if dtype not in DTYPES:
+            raise TeasrError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.dtype = DTYPES[dtype]
+        self.model = model.to(self.device, self.dtype).eval()
+        self.codec = codec.to(self.device)
+        self.scale = scale
+        self.patch = getattr(getattr(model, "config", None), "patch_size", 1)
+
+    @classmethod
+    def from_pretrained(cls, spec=None, device: str = "auto", dtype: str = "fp32", threads: int | None = None,
+                        progress: bool = True) -> "Upscaler":
+        from teasr_cli.hub import resolve_model
+        from teasr_cli.model import load_pretrained
+
+        set_threads(threads)
+        folder = resolve_model(spec, progress=progress)
+        model, config = load_pretrained(folder)
+        codec = getattr(model, "codec", None) or build_codec(config.get("codec", {}))
+        up = cls(model, codec, scale=config.get("scale", 4), device=device, dtype=dtype)
+        up.config, up.folder = config, folder
+        return up
+
+    def _velocity(self, z, t_cur, z_lq, t_tar):
+        return self.model(z.to(self.dtype), t_cur, z_lq.to(self.dtype), t_tar).float()
+
+    @torch.no_grad()
+    def upscale_tensor(self, lq: torch.Tensor, settings: UpscaleSettings | None = None,
+                       callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """lq: (1, 3, h, w) RGB in [0, 1] -> (1, 3, scale*h, scale*w) in [0, 1]."""
+        s = settings or UpscaleSettings()
+        if s.color_fix not in COLOR_FIXES:
+            raise TeasrError(f"unknown colour fix {s.color_fix!r}; use one of {', '.join(COLOR_FIXES)}")
+        if s.steps < 1:
+            raise TeasrError("--steps must be at least 1")
+        h, w = lq.shape[-2:]
+        # pad so the x4 image is a whole number of latent pixels; reflect keeps borders natural
+        m = max(1, -(-self.codec.downsample // self.scale))
+        ph, pw = (-h) % m, (-w) % m
+        x = lq.to(self.device, torch.float32) * 2 - 1
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+        z_lq = self.codec.encode(up).float()
+        # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
+        gen = torch.Generator().manual_seed(s.seed)
+        noise = torch.randn(z_lq.shape, generator=gen).to(self.device)
+        Hl, Wl = z_lq.shape[-2:]
+        tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device)
+        overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
+        if tile < 2 * self.patch:
+            raise TeasrError(f"--tile {tile} is too small; use at least {2 * self.patch} (latent pixels)")
+        velocity = TiledVelocity(self._velocity, tile, min(overlap, tile - 1), s.tile_batch)
+        try:
+            z = sample(velocity, noise, z_lq, s.steps, callback=callback)
+        except torch.OutOfMemoryError:
+            raise TeasrError(f"out of memory with --tile {tile}; try a smaller --tile (e.g. {max(tile // 2, 2 * self.patch)})") from None
+        out = self.codec.decode(z).float()
+        if s.color_fix == "wavelet":
+            out = wavelet_color_fix(out, up)
+        elif s.color_fix == "adain":
+            out = adain_color_fix(out, up)
+        out = out[..., : h * self.scale, : w * self.scale]
+        return ((out.clamp(-1, 1) + 1) / 2).cpu()
+
+    def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None):
+        """imageio.Picture in, Picture out (alpha, grayscale, 16-bit and metadata carried along)."""
+        from teasr_cli.imageio import replace_pixels
+
+        rgb = self.upscale_tensor(pic.rgb.unsqueeze(0), settings, callback)[0]
+        return replace_pixels(pic, rgb)
+
+    def __call__(self, image, steps: int = 1, seed: int = 0, callback=None, **kwargs):
+        """PIL image in, PIL image out (x4)."""
+        from teasr_cli.imageio import from_pil, to_pil
+
+        settings = UpscaleSettings(steps=steps, seed=seed, **kwargs)
+        return to_pil(self.upscale_picture(from_pil(image), settings, callback))
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
