@@ -27,6 +27,7 @@ class DiTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     rope_theta: float = 100.0     # grids are small (tiles), a short base wavelength suits them
+    cond_weights: bool = False    # condition branch has its own copies of the LoRA-target linears (a merged LoRA)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
@@ -53,6 +54,37 @@ def branch_linear(lin: nn.Module, x: torch.Tensor, n_noise: int) -> torch.Tensor
     if hasattr(lin, "base_layer"):
         return torch.cat([lin.base_layer(x[:, :n_noise]), lin(x[:, n_noise:])], dim=1)
     return lin(x)
+
+
+# Linears that the condition branch may adapt (LoRA in training, TwinLinear after export)
+LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2)|adaLN_modulation\.1)"
+
+
+class TwinLinear(nn.Module):
+    """A merged condition-branch LoRA: `base_layer` serves noise tokens, `cond` condition tokens.
+
+    Same `.base_layer` convention as peft, so `branch_linear` treats both alike.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer = base
+        self.cond = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        self.cond.load_state_dict(base.state_dict())
+
+    def forward(self, x):
+        return self.cond(x)
+
+
+def make_twins(model: nn.Module) -> nn.Module:
+    """Replace every LORA_TARGETS linear by a TwinLinear (in place)."""
+    import re
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and re.fullmatch(LORA_TARGETS, name):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, TwinLinear(mod))
+    return model
 
 
 class TimestepEmbedder(nn.Module):
@@ -132,7 +164,9 @@ class DiTBlock(nn.Module):
 
     def modulation(self, c_noise, c_cond, n_noise, n_cond):
         """Per-token (shift, scale, gate) x 2, each (B, L, D): the two times never mix in one embedding."""
-        mods = [self.adaLN_modulation(c).unsqueeze(1) for c in (c_noise, c_cond)]
+        lin = self.adaLN_modulation[1]
+        base = getattr(lin, "base_layer", lin)   # a condition-branch LoRA must not touch the noise tokens' modulation
+        mods = [base(F.silu(c_noise)).unsqueeze(1), lin(F.silu(c_cond)).unsqueeze(1)]
         per_tok = torch.cat([mods[0].expand(-1, n_noise, -1), mods[1].expand(-1, n_cond, -1)], dim=1)
         return per_tok.chunk(6, dim=-1)
 
@@ -171,6 +205,8 @@ class TeasrDiT(nn.Module):
         self.final_layer = FinalLayer(c.hidden_size, patch_dim)
         self.gradient_checkpointing = False
         self.initialize_weights()
+        if c.cond_weights:
+            make_twins(self)
 
     def initialize_weights(self):
         def _basic_init(m):

@@ -1,0 +1,91 @@
+"""Training images: a folder (recursive), a text file list, or a Hugging Face dataset id; HQ crops + online degradation."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from teasr_cli.errors import TeasrError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
+
+
+def list_images(source: str) -> list[Path]:
+    """Image paths from a folder (recursive), a .txt file with one path per line, or a Hub dataset `org/name[@rev]`."""
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    elif p.is_file() and p.suffix == ".txt":
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        files = [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines]
+    elif "/" in source and not p.exists():
+        from huggingface_hub import snapshot_download
+        repo, _, rev = source.partition("@")
+        try:
+            root = snapshot_download(repo, repo_type="dataset", revision=rev or None,
+                                     allow_patterns=[f"*{s}" for s in IMAGE_SUFFIXES])
+        except Exception as e:   # hub errors carry long multi-line texts; one line is enough here
+            raise TeasrError(f"cannot get dataset {source!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+        return list_images(root)
+    else:
+        raise TeasrError(f"--data {source}: not a folder, a .txt list or a Hub dataset id (org/name)")
+    if not files:
+        raise TeasrError(f"--data {source}: no images found")
+    return files
+
+
+class HQImages:
+    """Random-access HQ crops; unreadable or too-small images are skipped (counted, never fatal)."""
+
+    def __init__(self, files: list[Path], crop: int, small: str = "skip", cache: bool = True):
+        if small not in ("skip", "pad"):
+            raise TeasrError(f"small-image policy must be skip or pad, not {small!r}")
+        self.files, self.crop, self.small, self.cache = list(files), crop, small, cache
+        self._mem: dict[int, torch.Tensor | None] = {}
+        self.skipped: set[int] = set()
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, i: int) -> torch.Tensor | None:
+        """uint8 (3, H, W), or None if the file cannot be used."""
+        if i in self._mem:
+            return self._mem[i]
+        try:
+            with Image.open(self.files[i]) as im:
+                img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+        except Exception:   # a bad file in a 90k-image set must not end a long run
+            img = None
+        if img is not None and min(img.shape[1:]) < self.crop:
+            if self.small == "pad":
+                ph, pw = max(0, self.crop - img.shape[1]), max(0, self.crop - img.shape[2])
+                img = torch.nn.functional.pad(img[None].float(), (0, pw, 0, ph), mode="reflect" if min(img.shape[1:]) > max(ph, pw) else "replicate")[0].to(torch.uint8)
+            else:
+                img = None
+        if img is None and i not in self.skipped:
+            self.skipped.add(i)
+            warnings.warn(f"skipping unusable training image {self.files[i]}")
+        if self.cache:
+            self._mem[i] = img
+        return img
+
+    def crop_at(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        """A random crop (+ flips) in [0, 1] from image `index`, or from the next usable one."""
+        from teasr_cli.degrade import random_crop_flip
+
+        for k in range(len(self.files)):
+            img = self.load((index + k) % len(self.files))
+            if img is not None:
+                return random_crop_flip(img.float() / 255, self.crop, generator)
+        raise TeasrError("no usable training images (all unreadable or smaller than the crop)")
+
+
+def sample_index(seed: int, sample: int, n: int) -> int:
+    """The dataset index of global sample number `sample`: a fresh permutation per epoch, a pure function
+    of (seed, sample) so a resumed run sees exactly the data it would have seen."""
+    epoch, pos = divmod(sample, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return int(perm[pos])

@@ -1,0 +1,145 @@
+"""Self-Adversarial Distillation with Time-Aware Rectification (DESIGN.md section 4), as pure functions.
+
+`model(z, t_cur, z_lq, t_tar)` is the velocity network; times are (B,) tensors; all noise and times
+are drawn by the caller (so a step is reproducible per sample, whatever the batch layout).
+`sg` (stop-gradient) is `.detach()` or `torch.no_grad()`, exactly where the design puts it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SADConfig:
+    lambda_cons: float = 1.0      # shortcut self-consistency
+    lambda_data: float = 1.0      # pixel fidelity anchor (MSE + lambda_lpips * LPIPS)
+    lambda_lpips: float = 1.0
+    lambda_adv: float = 1.0       # fake-trajectory flow matching
+    lambda_rect: float = 1.0      # rectification (the DMD-like signal)
+    t_sampler: str = "logit-normal"   # p(t) for flow matching: "uniform" | "logit-normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    tar: bool = True              # Time-Aware Rectification weight w(s) = (1-s)^2/s; False = constant 1 (ablation)
+    tar_s_min: float = 0.02       # clamp s >= s_min before w(s): w blows up as s -> 0
+    tar_w_max: float = 10.0       # and bound w(s) <= w_max (both bounds apply)
+
+
+def _b(t, z):
+    """(B,) times -> broadcastable against (B, C, H, W)."""
+    return t.view(-1, *([1] * (z.ndim - 1)))
+
+
+def sample_t(u: torch.Tensor, cfg: SADConfig) -> torch.Tensor:
+    """Map uniform draws u in (0,1) to p(t); logit-normal puts more weight on mid times (SD3)."""
+    if cfg.t_sampler == "uniform":
+        return u
+    if cfg.t_sampler == "logit-normal":
+        return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
+    raise ValueError(f"unknown t_sampler {cfg.t_sampler!r}")
+
+
+def interpolate(z0, eps, t):
+    """z_t = t * eps + (1 - t) * z0."""
+    return _b(t, z0) * eps + (1 - _b(t, z0)) * z0
+
+
+def flow_loss(model, z0, z_lq, eps, t):
+    """L_flow = ||v(z_t, t, z_lq, t) - (eps - z0)||^2."""
+    return F.mse_loss(model(interpolate(z0, eps, t), t, z_lq, t), eps - z0)
+
+
+def consistency_loss(model, z_t, t, z_lq, s):
+    """Shortcut self-consistency: one jump t->s must match two half jumps through m = (t+s)/2."""
+    m = (t + s) / 2
+    v1 = model(z_t, t, z_lq, s)
+    with torch.no_grad():
+        vm = model(z_t, t, z_lq, m)
+        z_m = z_t - _b((t - s) / 2, z_t) * vm
+        v2 = (vm + model(z_m, m, z_lq, s)) / 2
+    return F.mse_loss(v1, v2)
+
+
+def one_step_fake(model, eps, z_lq):
+    """F = v(eps, 1, z_lq, 0), z_fake = eps - F (with gradient)."""
+    ones = torch.ones(eps.shape[0], device=eps.device)
+    f = model(eps, ones, z_lq, ones * 0)
+    return f, eps - f
+
+
+def data_loss(x_fake, x0, lpips=None, lambda_lpips: float = 1.0):
+    """Pixel fidelity anchor: MSE(x_fake, x0) + lambda_lpips * LPIPS(x_fake, x0); images in [-1, 1]."""
+    loss = F.mse_loss(x_fake, x0)
+    if lpips is not None and lambda_lpips > 0:
+        loss = loss + lambda_lpips * lpips((x_fake.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2).mean()
+    return loss
+
+
+def adv_loss(model, z_fake, z_lq, t, eps_f):
+    """Fake trajectory: flow matching toward sg(z_fake), marked by the negative target time -t."""
+    z_fake = z_fake.detach()
+    z = interpolate(z_fake, eps_f, t)
+    return F.mse_loss(model(z, t, z_lq, -t), eps_f - z_fake)
+
+
+def tar_weight(s, s_min: float = 0.02, w_max: float = 10.0):
+    """w(s) = (1-s)^2 / s with s clamped to >= s_min and w bounded by w_max."""
+    s = s.clamp(min=s_min)
+    return ((1 - s) ** 2 / s).clamp(max=w_max)
+
+
+def rect_loss(model, f, z_fake, z_lq, s, eps_r, cfg: SADConfig):
+    """L_rect = ||F - sg(F - w(s) dv)||^2, dv = v_fake(z_s) - v_real(z_s) at the re-noised one-step output.
+
+    Its gradient, 2 w(s) dv / numel, moves z_fake = eps - F along +dv: toward the real trajectory's
+    data estimate and away from the fake one's.
+    """
+    with torch.no_grad():
+        z_s = interpolate(z_fake.detach(), eps_r, s)
+        dv = model(z_s, s, z_lq, -s) - model(z_s, s, z_lq, s)
+        if cfg.tar:
+            dv = _b(tar_weight(s, cfg.tar_s_min, cfg.tar_w_max), dv) * dv
+        target = f.detach() - dv
+    return F.mse_loss(f, target)
+
+
+def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=None, lpips=None) -> dict:
+    """Every loss term of one SAD step; returns {name: scalar}, with the weighted sum under "loss".
+
+    draws: eps, t, s_cons, eps_one, t_adv, eps_adv, s_rect, eps_rect (per-sample noise and times).
+    """
+    eps, t = draws["eps"], draws["t"]
+    out = {"flow": flow_loss(model, z0, z_lq, eps, t)}
+    loss = out["flow"]
+    if cfg.lambda_cons > 0:
+        out["cons"] = consistency_loss(model, interpolate(z0, eps, t), t, z_lq, draws["s_cons"])
+        loss = loss + cfg.lambda_cons * out["cons"]
+    if max(cfg.lambda_data, cfg.lambda_adv, cfg.lambda_rect) > 0:
+        f, z_fake = one_step_fake(model, draws["eps_one"], z_lq)
+        if cfg.lambda_data > 0:
+            out["data"] = data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips)
+            loss = loss + cfg.lambda_data * out["data"]
+        if cfg.lambda_adv > 0:
+            out["adv"] = adv_loss(model, z_fake, z_lq, draws["t_adv"], draws["eps_adv"])
+            loss = loss + cfg.lambda_adv * out["adv"]
+        if cfg.lambda_rect > 0:
+            out["rect"] = rect_loss(model, f, z_fake, z_lq, draws["s_rect"], draws["eps_rect"], cfg)
+            loss = loss + cfg.lambda_rect * out["rect"]
+    out["loss"] = loss
+    return out
+
+
+def draw_sample(shape, cfg: SADConfig, generator: torch.Generator) -> dict:
+    """All noise and times one training sample needs, drawn in a fixed order from its own generator."""
+    def u():
+        return torch.rand((), generator=generator)
+    d = {"eps": torch.randn(shape, generator=generator), "t": sample_t(u(), cfg)}
+    d["s_cons"] = u() * d["t"]                                   # s ~ U(0, t)
+    d["eps_one"] = torch.randn(shape, generator=generator)
+    d["t_adv"] = u().clamp(1e-3, 1)                              # t' ~ U(0, 1)
+    d["eps_adv"] = torch.randn(shape, generator=generator)
+    d["s_rect"] = u().clamp(1e-3, 1)                             # s ~ U(0, 1)
+    d["eps_rect"] = torch.randn(shape, generator=generator)
+    return d

@@ -1,0 +1,345 @@
+"""Training loop: stage `prior` (conditional flow matching, all weights) and stage `sad` (SAD + TAR, LoRA on the
+condition branch), with accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from teasr_cli.errors import TeasrError
+from teasr_cli.model import DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
+from teasr_cli.sad import SADConfig, draw_sample, sad_losses
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = "runs/teasr"
+    stage: str = "prior"                 # "prior" | "sad"
+    init: str | None = None              # model folder to start from (required for sad: the prior)
+    model: dict = field(default_factory=dict)                        # DiTConfig fields for a new prior
+    codec: dict = field(default_factory=lambda: {"type": "pixel-unshuffle", "factor": 4, "scale": 1.0})
+    scale: int = 4
+    steps: int = 1000                    # optimizer steps
+    batch_size: int = 4                  # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup: int = 0
+    lora_rank: int = 128
+    lora_alpha: float = 128.0
+    ema: float = 0.0                     # EMA decay of trainable weights (0 = off)
+    mixed_precision: str = "no"          # "no" | "bf16" | "fp16" (GPU)
+    gradient_checkpointing: bool = False
+    crop: int = 256                      # HQ crop side (pixels)
+    degradation: str = "realesrgan"      # "realesrgan" | "mild" | "bicubic"
+    small_images: str = "skip"           # "skip" | "pad"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 3
+    sample_every: int = 500              # sample grid PNG (0 = off)
+    lpips: str = "alex"                  # LPIPS net for the data loss ("" = MSE only)
+    threads: int | None = None
+    sad: SADConfig = field(default_factory=SADConfig)
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides) -> "TrainConfig":
+        """Recipe TOML (flat keys + a [sad] table) with CLI overrides on top; unknown keys are errors."""
+        raw: dict = {}
+        if path:
+            try:
+                raw = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise TeasrError(f"cannot read recipe {path}: {e}") from None
+        raw.update({k: v for k, v in overrides.items() if v is not None and k != "sad"})
+        sad = {**raw.pop("sad", {}), **(overrides.get("sad") or {})}
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(raw) - known) + sorted(f"sad.{k}" for k in set(sad) - {f.name for f in fields(SADConfig)})
+        if bad:
+            raise TeasrError(f"unknown training config keys: {', '.join(bad)}")
+        if "betas" in raw:
+            raw["betas"] = tuple(raw["betas"])
+        cfg = cls(**raw, sad=SADConfig(**sad))
+        if cfg.stage not in ("prior", "sad"):
+            raise TeasrError(f"--stage must be prior or sad, not {cfg.stage!r}")
+        if cfg.stage == "sad" and not cfg.init:
+            raise TeasrError("--stage sad needs --init MODEL_DIR (the prior to distil)")
+        if cfg.crop % (cfg.scale * 8):
+            raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- checkpoints (safetensors only)
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Optimizer state as (tensors, json-able scalars) so it can live in safetensors."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.contiguous()
+            else:
+                scalars["state"].setdefault(str(pid), {})[k] = v
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict, scalars: dict) -> dict:
+    state: dict = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for pid, st in scalars["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def save_checkpoint(run: Path, step: int, model, opt, ema: dict | None, keep_last: int) -> Path:
+    """ckpt-STEP/: trainable weights, optimizer, EMA, RNG, written to a temp folder then renamed (atomic)."""
+    from safetensors.torch import save_file
+
+    final = run / f"ckpt-{step:07d}"
+    tmp = run / f".ckpt-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, tmp / "trainable.safetensors")
+    opt_t, opt_s = _flatten_optimizer(opt)
+    save_file(opt_t, tmp / "optimizer.safetensors")
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_s}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(run.glob("ckpt-*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    done = [p for p in sorted(run.glob("ckpt-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model, opt, ema: dict | None) -> int:
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    for n, v in load_file(ckpt / "trainable.safetensors").items():
+        params[n].data.copy_(v)
+    state = json.loads((ckpt / "state.json").read_text())
+    opt.load_state_dict(_unflatten_optimizer(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
+    if ema is not None and (ckpt / "ema.safetensors").exists():
+        ema.update(load_file(ckpt / "ema.safetensors"))
+    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_rng"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------- model set-up
+
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
+    """(model, model-folder config). prior: new or --init; sad: --init prior + LoRA on the condition branch."""
+    from teasr_cli.codecs import build_codec
+
+    if cfg.init:
+        model, mcfg = load_pretrained(cfg.init)
+    else:
+        codec = build_codec(cfg.codec)
+        dit = DiTConfig.from_dict({"latent_channels": codec.latent_channels, **cfg.model})
+        model, mcfg = TeasrDiT(dit), model_config(dit, cfg.codec, cfg.scale)
+    if cfg.stage == "sad":
+        from teasr_cli.lora import add_lora
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        model.requires_grad_(True)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, mcfg
+
+
+def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None) -> Path:
+    """A plain model folder for `teasr upscale`: EMA weights if any, LoRA merged into condition-branch weights."""
+    from teasr_cli.lora import merge_lora
+
+    model = copy.deepcopy(model).cpu()
+    if ema:
+        params = dict(model.named_parameters())
+        for n, v in ema.items():
+            params[n].data.copy_(v)
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        merge_lora(model)
+    cfg = {**mcfg, "model": model.config.to_dict(), **(meta or {})}
+    save_pretrained(model, cfg, folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape, device):
+    """HQ crops, their LQ, and per-sample draws for global samples first_sample .. first_sample+n-1.
+
+    Every random choice of a sample comes from a generator seeded by (seed, sample number), so the
+    batch layout (accumulation, processes, resume) never changes what a sample sees.
+    """
+    from teasr_cli.data import sample_index
+    from teasr_cli.degrade import bicubic_lq, degrade, get_preset
+
+    hq, lq, draws = [], [], []
+    for k in range(first_sample, first_sample + n):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+        x = images.crop_at(sample_index(cfg.seed, k, len(images)), g)
+        hq.append(x)
+        if cfg.degradation == "bicubic":
+            lq.append(bicubic_lq(x[None], cfg.scale)[0])
+        else:
+            lq.append(degrade(x[None], get_preset(cfg.degradation), g)[0])
+        draws.append(draw_sample(latent_shape, cfg.sad, g))
+    stacked = {k: torch.stack([d[k] for d in draws]).to(device) for k in draws[0]}
+    return torch.stack(hq).to(device), torch.stack(lq).to(device), stacked
+
+
+def stage_sad_config(cfg: TrainConfig) -> SADConfig:
+    """The prior stage is plain conditional flow matching: every other term off."""
+    if cfg.stage == "prior":
+        return SADConfig(**{**asdict(cfg.sad), "lambda_cons": 0.0, "lambda_data": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0})
+    return cfg.sad
+
+
+def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], None] | None = None,
+          stop: Callable[[], bool] | None = None) -> Path:
+    """Run (or resume) training; returns the exported model folder. `callback(record)` gets each log record."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from teasr_cli.codecs import build_codec
+    from teasr_cli.data import HQImages, list_images
+    from teasr_cli.pipeline import set_threads
+
+    set_threads(cfg.threads)
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                      cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed + acc.process_index)      # per-rank seed for anything not drawn per sample
+    run = Path(cfg.out)
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None and acc.is_main_process and any(run.glob("ckpt-*")):
+        raise TeasrError(f"no complete checkpoint in {run}")
+    if not resume and latest_checkpoint(run) is not None:
+        raise TeasrError(f"{run} already has checkpoints; pass --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    images = HQImages(list_images(cfg.data), cfg.crop, cfg.small_images)
+    model, mcfg = build_model(cfg)
+    codec = build_codec(mcfg["codec"]).to(acc.device)
+    sad_cfg = stage_sad_config(cfg)
+    lpips = None
+    if cfg.stage == "sad" and cfg.lpips and sad_cfg.lambda_data > 0 and sad_cfg.lambda_lpips > 0:
+        from teasr_cli.metrics import LPIPS
+        lpips = LPIPS(net=cfg.lpips).to(acc.device).eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg.ema > 0 else None
+    step = load_checkpoint(ckpt, model, opt, ema) if ckpt else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0,
+                                              last_epoch=step - 1 if step else -1)
+    dmodel, opt = acc.prepare(model, opt)
+    if acc.is_main_process:
+        (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        if step == 0:
+            _log(run, {"event": "start", "config": cfg.to_dict(), "trainable_params": sum(p.numel() for p in trainable),
+                       "total_params": sum(p.numel() for p in model.parameters()), "images": len(images)}, callback)
+    down = codec.downsample
+    latent_shape = (codec.latent_channels, cfg.crop // down, cfg.crop // down)
+    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    sums: dict = {}
+    t0, logged_at = time.time(), step
+    while step < cfg.steps:
+        for micro in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + micro) * cfg.batch_size * acc.num_processes + acc.process_index * cfg.batch_size
+            hq, lq, draws = make_batch(images, cfg, first, cfg.batch_size, latent_shape, acc.device)
+            with acc.accumulate(dmodel), acc.autocast():
+                x0 = hq * 2 - 1
+                up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+                z0, z_lq = codec.encode(x0), codec.encode(up)
+                losses = sad_losses(dmodel, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips)
+                acc.backward(losses["loss"])   # accelerate divides by grad_accum: accumulated = mean over the big batch
+                if acc.sync_gradients and cfg.grad_clip > 0:
+                    acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+        sched.step()
+        step += 1
+        if ema is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in ema:
+                        ema[n].lerp_(p.detach(), 1 - cfg.ema)
+        if acc.is_main_process:
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.time() - t0
+                rec = {"step": step, **{k: v / (step - logged_at) for k, v in sums.items()},
+                       "lr": sched.get_last_lr()[0], "it_s": (step - logged_at) / max(dt, 1e-9),
+                       "samples_s": (step - logged_at) * per_step / max(dt, 1e-9), "skipped_images": len(images.skipped)}
+                _log(run, rec, callback)
+                sums, t0, logged_at = {}, time.time(), step
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                save_sample_grid(model, codec, images, cfg, run / "samples" / f"step-{step:07d}.png")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
+        acc.wait_for_everyone()
+        if stop is not None and stop():
+            break
+    out = run / "model"
+    if acc.is_main_process and step >= cfg.steps:
+        export_model(model, mcfg, out, ema, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}})
+        _log(run, {"event": "export", "step": step, "model": str(out)}, callback)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return out
+
+
+def _log(run: Path, rec: dict, callback):
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.time(), **rec}, default=str) + "\n")
+    if callback is not None:
+        callback(rec)
+
+
+@torch.no_grad()
+def save_sample_grid(model, codec, images, cfg: TrainConfig, path: Path, n: int = 2) -> Path:
+    """Rows of LQ (bicubic x4) | 1 step | 4 steps | HQ on fixed samples, so progress can be seen."""
+    from PIL import Image
+
+    from teasr_cli.sampler import sample
+
+    was_training = model.training
+    model.eval()
+    hq, lq, _ = make_batch(images, cfg, 0, n, (1, 1, 1), next(model.parameters()).device)
+    up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+    z_lq = codec.encode(up)
+    noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(0)).to(z_lq.device)
+    cols = [up] + [codec.decode(sample(model, noise, z_lq, k)) for k in (1, 4)] + [hq * 2 - 1]
+    grid = torch.cat([torch.cat(list(c.clamp(-1, 1)), dim=1) for c in cols], dim=2)   # (3, n*H, 4*W)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+    model.train(was_training)
+    return path
