@@ -190,6 +190,95 @@ def batch(
         raise typer.Exit(1)
 
 
+@app.command(epilog="""[bold]Examples[/]\n
+  teasr train --data photos/ --out runs/prior --config train/tiny-cpu.toml --stage prior\n
+  teasr train --data photos/ --out runs/sad --stage sad --init runs/prior/model --steps 2000\n
+  teasr train --out runs/sad --resume                  [dim]# continue after a kill[/]\n
+  accelerate launch teasr train ...                     [dim]# several GPUs / processes[/]\n
+  teasr train --export runs/sad -o my-model            [dim]# plain model folder for `teasr upscale -m`[/]""")
+def train(
+    data: Optional[str] = typer.Option(None, "--data", help="HQ images: a folder (recursive), a .txt list, or a Hub dataset id."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, samples/, model/."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe TOML (see train/)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="prior (flow matching, all weights) or sad (SAD + TAR, LoRA)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Model folder to start from (the prior, for --stage sad)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    crop: Optional[int] = typer.Option(None, "--crop", help="HQ crop size in pixels."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (GPU)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    threads: Optional[int] = ThreadsOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Export a run (or one ckpt-*) to a plain model folder given by -o."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where --export writes the model folder."),
+):
+    """Train with Self-Adversarial Distillation (stage sad) or train the generative prior (stage prior)."""
+    import json
+    import signal
+
+    from teasr_cli import trainer
+
+    try:
+        if export is not None:
+            if output is None:
+                fail("--export needs -o MODEL_DIR")
+            with console.status("exporting..."):
+                folder = trainer.export_checkpoint(export, output)
+            console.print(f"exported {folder}")
+            return
+        if out is None:
+            fail("--out RUN_DIR is required")
+        recipe = config
+        if resume and config is None and (out / "train_config.json").exists():
+            saved = json.loads((out / "train_config.json").read_text())
+            cfg = trainer.TrainConfig.load(None, **saved)
+        else:
+            if data is None and not resume:
+                fail("--data is required (a folder of HQ images, a .txt list or a Hub dataset id)")
+            cfg = trainer.TrainConfig.load(str(recipe) if recipe else None, data=data, out=str(out), stage=stage, init=init,
+                                           steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, crop=crop,
+                                           seed=seed, mixed_precision=mixed_precision, threads=threads,
+                                           gradient_checkpointing=gradient_checkpointing)
+        if steps is not None:
+            cfg.steps = steps
+        from teasr_cli.data import list_images
+        list_images(cfg.data)   # a bad --data fails here, before any progress bar
+    except TeasrError as e:
+        fail(str(e))
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        if stop["now"]:
+            raise KeyboardInterrupt
+        stop["now"] = True
+        console.print("stopping after this step (checkpoint kept; --resume continues); press Ctrl-C again to abort")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console) as bar:
+        task = bar.add_task(f"{cfg.stage}", total=cfg.steps, info="")
+
+        def on_log(rec):
+            if "step" in rec and "loss" in rec:
+                terms = " ".join(f"{k} {rec[k]:.4f}" for k in ("loss", "flow", "cons", "data", "adv", "rect") if k in rec)
+                bar.update(task, completed=rec["step"], info=f"{terms} | {rec['it_s']:.2f} it/s")
+            elif rec.get("event") == "export":
+                bar.update(task, completed=rec["step"])
+
+        try:
+            folder = trainer.train(cfg, resume=resume, callback=on_log, stop=lambda: stop["now"])
+        except TeasrError as e:
+            fail(str(e))
+    if stop["now"]:
+        console.print(f"stopped; resume with: teasr train --out {out} --resume")
+        raise typer.Exit(130)
+    console.print(f"done: model in {folder} (log: {out / 'metrics.jsonl'})")
+
+
 @app.command()
 def models():
     """List the embedded and known models."""

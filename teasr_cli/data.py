@@ -1,6 +1,7 @@
 """Training images: a folder (recursive), a text file list, or a Hugging Face dataset id; HQ crops + online degradation."""
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def list_images(source: str) -> list[Path]:
     elif p.is_file() and p.suffix == ".txt":
         lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         files = [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines]
-    elif "/" in source and not p.exists():
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", source) and not p.exists():
         from huggingface_hub import snapshot_download
         repo, _, rev = source.partition("@")
         try:
@@ -31,7 +32,7 @@ def list_images(source: str) -> list[Path]:
             raise TeasrError(f"cannot get dataset {source!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
         return list_images(root)
     else:
-        raise TeasrError(f"--data {source}: not a folder, a .txt list or a Hub dataset id (org/name)")
+        raise TeasrError(f"--data {source}: no such folder or .txt list, and not a Hub dataset id (org/name)")
     if not files:
         raise TeasrError(f"--data {source}: no images found")
     return files

@@ -189,6 +189,24 @@ def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta:
     return folder
 
 
+def export_checkpoint(path: Path, out: Path, use_ema: bool = True) -> Path:
+    """`teasr train --export`: a run folder (its latest checkpoint) or one checkpoint -> a plain model folder."""
+    path = Path(path)
+    ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
+    if ckpt is None:
+        raise TeasrError(f"{path}: no checkpoint to export (expected a run folder with ckpt-* or a ckpt-* folder)")
+    run = ckpt.parent
+    try:
+        cfg = TrainConfig.load(None, **{k: v for k, v in json.loads((run / "train_config.json").read_text()).items()})
+    except (OSError, ValueError) as e:
+        raise TeasrError(f"cannot read {run / 'train_config.json'}: {e}") from None
+    model, mcfg = build_model(cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    ema = {} if use_ema and cfg.ema > 0 else None
+    step = load_checkpoint(ckpt, model, opt, ema)
+    return export_model(model, mcfg, Path(out), ema or None, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}})
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape, device):
@@ -282,7 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         sched.step()
         step += 1
         if ema is not None:
@@ -303,7 +321,9 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
         acc.wait_for_everyone()
-        if stop is not None and stop():
+        if stop is not None and stop():   # e.g. Ctrl-C: keep the work done so far, --resume continues from here
+            if acc.is_main_process and step % cfg.ckpt_every:
+                save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
             break
     out = run / "model"
     if acc.is_main_process and step >= cfg.steps:
