@@ -1,10 +1,10 @@
-"""LoRA on the condition branch only (peft), and its export as plain condition-branch weights."""
+"""LoRA on the condition branch only (peft), and its export as plain (peft-free) condition-branch LoRA modules."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from teasr_cli.model import LORA_TARGETS, TwinLinear
+from teasr_cli.model import LORA_TARGETS, CondLoRALinear
 
 # Modules that only ever see condition tokens: trained in full alongside the LoRA
 COND_ONLY = ("c_embedder.", "t2_embedder.")
@@ -18,8 +18,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str = LORA_TARG
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    if getattr(model.config, "cond_weights", False):
-        raise ValueError("this model already has merged condition-branch weights; start LoRA from a plain prior")
+    if getattr(model.config, "cond_lora_rank", 0):
+        raise ValueError("this model already has an exported condition-branch LoRA; start LoRA from a plain prior")
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0), model)
     for name, p in model.named_parameters():
@@ -28,17 +28,21 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str = LORA_TARG
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace each LoRA layer by a TwinLinear whose `cond` weight is base + B A * scale (exact, no peft at inference)."""
+def export_lora(model: nn.Module) -> nn.Module:
+    """Replace each peft LoRA layer by a CondLoRALinear with the same weights (exact; no peft at inference)."""
     from peft.tuners.lora import LoraLayer
 
+    rank = alpha = None
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoraLayer):
-            base = mod.get_base_layer()
-            twin = TwinLinear(base)
-            for adapter in mod.active_adapters:
-                twin.cond.weight += mod.get_delta_weight(adapter).to(base.weight.dtype)
+            (adapter,) = mod.active_adapters
+            rank, alpha = mod.r[adapter], mod.lora_alpha[adapter]
+            plain = CondLoRALinear(mod.get_base_layer(), rank, alpha)
+            plain.scale = mod.scaling[adapter]
+            plain.lora_down.weight.copy_(mod.lora_A[adapter].weight)
+            plain.lora_up.weight.copy_(mod.lora_B[adapter].weight)
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, twin)
-    model.config.cond_weights = True
+            setattr(model.get_submodule(parent), child, plain)
+    if rank is not None:
+        model.config.cond_lora_rank, model.config.cond_lora_alpha = rank, alpha
     return model

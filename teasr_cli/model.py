@@ -27,7 +27,8 @@ class DiTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     rope_theta: float = 100.0     # grids are small (tiles), a short base wavelength suits them
-    cond_weights: bool = False    # condition branch has its own copies of the LoRA-target linears (a merged LoRA)
+    cond_lora_rank: int = 0       # > 0: exported condition-branch LoRA (plain modules, no peft needed)
+    cond_lora_alpha: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
@@ -56,34 +57,38 @@ def branch_linear(lin: nn.Module, x: torch.Tensor, n_noise: int) -> torch.Tensor
     return lin(x)
 
 
-# Linears that the condition branch may adapt (LoRA in training, TwinLinear after export)
+# Linears that the condition branch may adapt (peft LoRA in training, CondLoRALinear after export)
 LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2)|adaLN_modulation\.1)"
 
 
-class TwinLinear(nn.Module):
-    """A merged condition-branch LoRA: `base_layer` serves noise tokens, `cond` condition tokens.
+class CondLoRALinear(nn.Module):
+    """An exported condition-branch LoRA: `base_layer` alone for noise tokens, base + up(down(x)) * scale for
+    condition tokens. Same `.base_layer` convention as peft, so `branch_linear` treats both alike.
 
-    Same `.base_layer` convention as peft, so `branch_linear` treats both alike.
+    The delta is kept low-rank rather than merged into the weight, because the weight is shared with the
+    noise branch: a merge would change the frozen prior too.
     """
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base_layer = base
-        self.cond = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        self.cond.load_state_dict(base.state_dict())
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        self.scale = alpha / rank
 
     def forward(self, x):
-        return self.cond(x)
+        return self.base_layer(x) + self.lora_up(self.lora_down(x)) * self.scale
 
 
-def make_twins(model: nn.Module) -> nn.Module:
-    """Replace every LORA_TARGETS linear by a TwinLinear (in place)."""
+def add_cond_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """Replace every LORA_TARGETS linear by a CondLoRALinear (in place)."""
     import re
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and re.fullmatch(LORA_TARGETS, name):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, TwinLinear(mod))
+            setattr(model.get_submodule(parent), child, CondLoRALinear(mod, rank, alpha))
     return model
 
 
@@ -205,8 +210,8 @@ class TeasrDiT(nn.Module):
         self.final_layer = FinalLayer(c.hidden_size, patch_dim)
         self.gradient_checkpointing = False
         self.initialize_weights()
-        if c.cond_weights:
-            make_twins(self)
+        if c.cond_lora_rank > 0:
+            add_cond_lora(self, c.cond_lora_rank, c.cond_lora_alpha or c.cond_lora_rank)
 
     def initialize_weights(self):
         def _basic_init(m):

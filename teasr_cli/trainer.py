@@ -65,6 +65,9 @@ class TrainConfig:
             except (OSError, tomllib.TOMLDecodeError) as e:
                 raise TeasrError(f"cannot read recipe {path}: {e}") from None
         raw.update({k: v for k, v in overrides.items() if v is not None and k != "sad"})
+        stages = raw.pop("stages", {})          # [stages.prior] / [stages.sad]: keys for one stage only
+        raw = {**raw, **stages.get(raw.get("stage", "prior"), {}),
+               **{k: v for k, v in overrides.items() if v is not None and k not in ("sad", "stages")}}
         sad = {**raw.pop("sad", {}), **(overrides.get("sad") or {})}
         known = {f.name for f in fields(cls)}
         bad = sorted(set(raw) - known) + sorted(f"sad.{k}" for k in set(sad) - {f.name for f in fields(SADConfig)})
@@ -174,8 +177,8 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
 
 
 def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None) -> Path:
-    """A plain model folder for `teasr upscale`: EMA weights if any, LoRA merged into condition-branch weights."""
-    from teasr_cli.lora import merge_lora
+    """A plain model folder for `teasr upscale`: EMA weights if any, the LoRA as plain condition-branch modules."""
+    from teasr_cli.lora import export_lora
 
     model = copy.deepcopy(model).cpu()
     if ema:
@@ -183,7 +186,7 @@ def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta:
         for n, v in ema.items():
             params[n].data.copy_(v)
     if any("lora_" in n for n, _ in model.named_parameters()):
-        merge_lora(model)
+        export_lora(model)
     cfg = {**mcfg, "model": model.config.to_dict(), **(meta or {})}
     save_pretrained(model, cfg, folder)
     return folder

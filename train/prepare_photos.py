@@ -1,0 +1,101 @@
+"""Build the offline training/validation photo set used for the embedded model.
+
+Sources (all offline, see ../shared/ENVIRONMENT.md): scikit-image's sample photos, and the Debian packages
+lomiri-wallpapers-16.04 (CC-BY/CC-BY-SA), mate-backgrounds nature/ (GPL-2+) and opencv-doc samples,
+fetched with `apt-get download` and unpacked with `dpkg -x` (no install needed).
+
+JPEG sources are downscaled by at least 2 (Lanczos) so their compression artefacts do not become the
+"HQ" target; the longest side is capped so a crop still shows a meaningful part of a scene.
+A fixed list of photos is held out for validation and never trained on.
+
+    python train/prepare_photos.py --out data/photos        # -> data/photos/{train,val}/*.png, val_hr/*.png
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEBS = ["lomiri-wallpapers-16.04", "mate-backgrounds", "opencv-doc"]
+OPENCV_PHOTOS = ["baboon.jpg", "leuvenA.jpg", "leuvenB.jpg", "aloeL.jpg", "board.jpg", "graf1.png", "graf3.png",
+                 "rubberwhale1.png", "ela_original.jpg", "fruits.jpg", "building.jpg", "home.jpg", "lena.jpg",
+                 "pic1.png", "pic2.png", "pic3.png", "pic4.png", "pic5.png", "pic6.png", "stuff.jpg", "orange.jpg",
+                 "apple.jpg", "HappyFish.jpg", "butterfly.jpg", "messi5.jpg", "Blender_Suzanne1.jpg"]
+SKIMAGE = ["astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "grass", "gravel", "brick"]
+# held out: never trained on; 512x512 HR crops of these are the validation set
+VAL = {"Dragonfly_by_Bolly", "sunset_by_Aitzol_Berasategi", "LadyBird", "Storm", "leuvenB", "coffee"}
+MAX_SIDE = 1280
+
+
+def fetch_debs(work: Path) -> Path:
+    root = work / "root"
+    for name in DEBS:
+        subprocess.run(["apt-get", "download", name], cwd=work, check=True, capture_output=True)
+    for deb in work.glob("*.deb"):
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return root
+
+
+def sources(root: Path):
+    bg = root / "usr/share/backgrounds"
+    for f in sorted(bg.glob("*.jpg")):                      # lomiri wallpapers (photos)
+        yield f.stem, Image.open(f), True
+    for f in sorted((bg / "mate/nature").glob("*.jpg")):
+        yield f.stem, Image.open(f), True
+    data = root / "usr/share/doc/opencv-doc/examples/data"
+    for name in OPENCV_PHOTOS:
+        if (data / name).exists():
+            yield Path(name).stem, Image.open(data / name), name.endswith(".jpg")
+    import skimage.data
+    for name in SKIMAGE:
+        arr = getattr(skimage.data, name)()
+        yield name, Image.fromarray(arr[0] if isinstance(arr, tuple) else arr), False   # stereo: left view
+
+
+def prepare(img: Image.Image, jpeg: bool) -> Image.Image:
+    img = img.convert("RGB")
+    f = max(2 if jpeg else 1, max(img.size) / MAX_SIDE)
+    if f > 1:
+        img = img.resize((round(img.width / f), round(img.height / f)), Image.LANCZOS)
+    return img
+
+
+def center_crops(img: Image.Image, size: int = 512, n: int = 2):
+    """n crops along the longer side (left/right or top/bottom of centre), size x size."""
+    w, h = img.size
+    if min(w, h) < size:
+        return []
+    xs = np.linspace(0, w - size, n + 2)[1:-1] if w >= h else [(w - size) / 2] * n
+    ys = np.linspace(0, h - size, n + 2)[1:-1] if h > w else [(h - size) / 2] * n
+    return [img.crop((int(x), int(y), int(x) + size, int(y) + size)) for x, y in zip(xs, ys)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="data/photos")
+    args = ap.parse_args()
+    out = Path(args.out)
+    for sub in ("train", "val", "val_hr"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        root = fetch_debs(Path(work))
+        n_train = n_val = 0
+        for name, img, jpeg in sources(root):
+            img = prepare(img, jpeg)
+            if name in VAL:
+                img.save(out / "val" / f"{name}.png")
+                for i, c in enumerate(center_crops(img)):
+                    c.save(out / "val_hr" / f"{name}_{i}.png")
+                    n_val += 1
+            else:
+                img.save(out / "train" / f"{name}.png")
+                n_train += 1
+    print(f"{n_train} training photos, {n_val} validation crops (512x512) in {out}")
+
+
+if __name__ == "__main__":
+    main()
