@@ -38,25 +38,28 @@ def _gaussian_blur(x, sigma: float):
     ax = torch.arange(k, dtype=x.dtype, device=x.device) - k // 2
     g = torch.exp(-ax ** 2 / (2 * sigma ** 2))
     g = (g / g.sum()).view(1, 1, 1, k).repeat(x.shape[1], 1, 1, 1)
-    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode="replicate"), g, groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode="replicate"), g.transpose(2, 3), groups=x.shape[1])
+    pad = "reflect" if min(x.shape[-2:]) > k // 2 else "replicate"
+    x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode=pad), g, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, k // 2, k // 2), mode=pad), g.transpose(2, 3), groups=x.shape[1])
 
 
-def wavelet_color_fix(out, ref, levels: int = 5):
-    """Keep the output's high frequencies and the reference's low ones (StableSR's wavelet fix):
-    removes the slow colour drift a generative model can add, without touching detail."""
-    def low(x):
-        for i in range(levels):
-            x = _gaussian_blur(x, sigma=2.0 ** i)
-        return x
-    return out - low(out) + low(ref)
+def wavelet_color_fix_(out, lq, scale: int, sigma: float = 4.0):
+    """In place: swap the output's low-frequency band for the input's (StableSR's wavelet colour fix).
+
+    Removes the slow colour drift a generative model can add without touching detail. The band is far
+    below the LQ Nyquist frequency, so it is computed at LQ resolution (the output area-downscaled),
+    which keeps the extra memory to one output-sized temporary.
+    """
+    small = F.avg_pool2d(out, scale) if scale > 1 else out
+    diff = _gaussian_blur(lq, sigma) - _gaussian_blur(small, sigma)
+    return out.add_(F.interpolate(diff, size=out.shape[-2:], mode="bilinear", align_corners=False))
 
 
-def adain_color_fix(out, ref, eps: float = 1e-5):
-    """Match each channel's mean and std to the reference."""
+def adain_color_fix_(out, ref, eps: float = 1e-5):
+    """In place: match each channel's mean and std to the reference (e.g. the LQ image)."""
     mo, so = out.mean((2, 3), keepdim=True), out.std((2, 3), keepdim=True)
     mr, sr = ref.mean((2, 3), keepdim=True), ref.std((2, 3), keepdim=True)
-    return (out - mo) / (so + eps) * sr + mr
+    return out.sub_(mo).mul_(sr / (so + eps)).add_(mr)
 
 
 def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> int:
@@ -71,7 +74,7 @@ def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> i
     else:
         tokens = 1024
     side = int(tokens ** 0.5) * patch
-    return min(side, max(latent_hw))
+    return max(min(side, max(latent_hw)), 2 * patch)   # a latent smaller than 2 patches still gets a valid (single) tile
 
 
 @dataclass
@@ -134,28 +137,29 @@ class Upscaler:
         x = lq.to(self.device, torch.float32) * 2 - 1
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-        up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
-        z_lq = self.codec.encode(up).float()
-        # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
-        gen = torch.Generator().manual_seed(s.seed)
-        noise = torch.randn(z_lq.shape, generator=gen).to(self.device)
+        # memory: every output-sized tensor of a big photo is large, so keep as few alive as possible
+        z_lq = self.codec.encode(F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp_(-1, 1)).float()
         Hl, Wl = z_lq.shape[-2:]
         tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device)
         overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
         if tile < 2 * self.patch:
             raise TeasrError(f"--tile {tile} is too small; use at least {2 * self.patch} (latent pixels)")
         velocity = TiledVelocity(self._velocity, tile, min(overlap, tile - 1), s.tile_batch)
+        # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
+        noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         try:
             z = sample(velocity, noise, z_lq, s.steps, callback=callback)
         except torch.OutOfMemoryError:
             raise TeasrError(f"out of memory with --tile {tile}; try a smaller --tile (e.g. {max(tile // 2, 2 * self.patch)})") from None
+        del z_lq, noise
         out = self.codec.decode(z).float()
+        del z
         if s.color_fix == "wavelet":
-            out = wavelet_color_fix(out, up)
+            wavelet_color_fix_(out, x, self.scale)
         elif s.color_fix == "adain":
-            out = adain_color_fix(out, up)
+            adain_color_fix_(out, x)
         out = out[..., : h * self.scale, : w * self.scale]
-        return ((out.clamp(-1, 1) + 1) / 2).cpu()
+        return out.clamp_(-1, 1).add_(1).mul_(0.5).cpu()
 
     def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None):
         """imageio.Picture in, Picture out (alpha, grayscale, 16-bit and metadata carried along)."""

@@ -26,7 +26,7 @@ def sample(velocity: Callable, noise: torch.Tensor, z_lq: torch.Tensor, steps: i
     z = noise
     for i in range(steps):
         v = velocity(z, taus[i], z_lq, taus[i + 1])
-        z = z - (taus[i] - taus[i + 1]) * v.to(z.dtype)
+        z = torch.sub(z, v.to(z.dtype), alpha=taus[i] - taus[i + 1])   # no temporary: big images are memory-bound
         if callback is not None:
             callback(i + 1, steps, z)
     return z

@@ -1,0 +1,120 @@
+"""Upscale time and peak memory of `teasr upscale` on this machine (issue 2 benchmark).
+
+Every case runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; times exclude model
+loading. Inputs are crops/resizes of a real photo. Prints a table and records benchmarks/upscale_speed.json.
+
+    python benchmarks/upscale_speed.py                 # embedded model (or the tiny-cpu recipe size, random weights)
+    python benchmarks/upscale_speed.py --quick         # fewer cases
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def child(args):
+    """One case: load, warm up on a tiny input, then time one upscale; print a JSON line."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from teasr_cli.pipeline import UpscaleSettings
+
+    torch.set_num_threads(args.threads)
+    up = load_model(args.model)
+    photo = Image.open(args.photo).convert("RGB")
+    w, h = args.size
+    img = photo.resize((w, h), Image.LANCZOS)
+    lq = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    up.upscale_tensor(lq[..., :32, :32], UpscaleSettings(steps=1))          # warm-up (allocator, kernels)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tile = args.tile if args.tile > 0 else None
+    if args.tile == -1:   # untiled: one tile covering the whole latent
+        tile = max(h, w) * up.scale // up.codec.downsample
+    t0 = time.perf_counter()
+    up.upscale_tensor(lq, UpscaleSettings(steps=args.steps, tile=tile))
+    dt = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": dt, "peak_rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024}))
+
+
+def load_model(spec):
+    from teasr_cli.pipeline import Upscaler
+
+    if spec != "recipe":
+        return Upscaler.from_pretrained(spec or None, device="cpu")
+    # the shipped model's size with random weights: same speed, usable before weights exist
+    import tomllib
+
+    import torch
+
+    from teasr_cli.codecs import build_codec
+    from teasr_cli.model import DiTConfig, TeasrDiT
+    recipe = tomllib.loads((HERE.parent / "train/tiny-cpu.toml").read_text())
+    codec = build_codec(recipe["codec"])
+    model = TeasrDiT(DiTConfig.from_dict({"latent_channels": codec.latent_channels, **recipe["model"]}))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return Upscaler(model, codec, device="cpu")
+
+
+CASES_FULL = [  # (w, h, steps, tile): tile 0 = auto, -1 = untiled
+    (128, 128, 1, 0), (128, 128, 4, 0),
+    (256, 256, 1, 0), (256, 256, 1, -1), (256, 256, 1, 64),
+    (512, 512, 1, 0), (512, 512, 4, 0),
+    (1024, 1024, 1, 0), (1024, 1024, 4, 0),
+    (2000, 1500, 1, 0),
+]
+CASES_QUICK = [(128, 128, 1, 0), (256, 256, 1, 0), (256, 256, 1, -1), (512, 512, 1, 0)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model spec; 'recipe' = tiny-cpu size with random weights")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--photo", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--size", type=int, nargs=2)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--tile", type=int, default=0)
+    args = ap.parse_args()
+    if args.photo is None:
+        import skimage.data
+        from PIL import Image
+        args.photo = "/tmp/teasr_bench_photo.png"
+        Image.fromarray(skimage.data.astronaut()).save(args.photo)
+    if args.child:
+        return child(args)
+    if args.model is None:
+        from teasr_cli.hub import EMBEDDED_DIR
+        args.model = "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
+    rows = []
+    for w, h, steps, tile in (CASES_QUICK if args.quick else CASES_FULL):
+        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--threads", str(args.threads),
+               "--photo", args.photo, "--size", str(w), str(h), "--steps", str(steps), "--tile", str(tile)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(res.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"case {w}x{h} failed")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append({"input": f"{w}x{h}", "output": f"{4 * w}x{4 * h}", "steps": steps,
+                     "tiling": {0: "auto", -1: "untiled"}.get(tile, f"tile {tile}"), **r})
+        print(f"{rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  {rows[-1]['tiling']:>8}  "
+              f"{r['seconds']:8.2f} s  peak {r['peak_rss_mb']:7.0f} MB", flush=True)
+    out = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "model": args.model,
+           "rows": rows}
+    (HERE / "upscale_speed.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
