@@ -185,7 +185,7 @@ def batch(
     table.add_row("time", f"{time.time() - t0:.1f} s")
     console.print(table)
     for src, msg in failed:
-        console.print(f"[red]failed:[/] {src}: {msg}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/] {msg if str(src) in msg else f'{src}: {msg}'}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
