@@ -1,0 +1,234 @@
+"""The `teasr` CLI on real photos with a tiny saved model: outputs, refusals, one-line errors, batches."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import small_photo
+from teasr_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture
+def cli(tiny_model_dir):
+    """cli(*args) -> click Result of `teasr *args` with the tiny model."""
+    runner = CliRunner()
+
+    def invoke(*args, model=True):
+        extra = ["--model", str(tiny_model_dir), *FAST] if model else []
+        return runner.invoke(app, [str(a) for a in args] + extra)
+
+    return invoke
+
+
+@pytest.fixture
+def cat(tmp_path):
+    """chelsea (a real photo) at 32x24, as PNG and JPEG."""
+    img = small_photo("chelsea", (32, 24))
+    img.save(tmp_path / "cat.png")
+    img.save(tmp_path / "cat.jpg", quality=90)
+    return tmp_path
+
+
+def assert_one_line_error(result, *words):
+    text = result.output.strip()
+    assert result.exit_code not in (0, None), text
+    assert isinstance(result.exception, SystemExit), repr(result.exception)   # handled, not a crash
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert text.startswith("error:") and all(w in text for w in words), text
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (bytes, mtime_ns)} of every file under folder."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ upscale
+
+@pytest.mark.parametrize("name", ["cat.png", "cat.jpg"])
+def test_upscale_writes_a_four_times_image(cli, cat, name):
+    result = cli("upscale", cat / name, "--steps", "2")
+    assert result.exit_code == 0, result.output
+    out = cat / name.replace("cat.", "cat_x4.")
+    assert "wrote" in result.output and str(out) in result.output
+    with Image.open(out) as img:
+        assert img.size == (128, 96) and img.format == ("PNG" if name.endswith("png") else "JPEG")
+
+
+def test_upscale_output_path_and_format(cli, cat):
+    result = cli("upscale", cat / "cat.jpg", "-o", cat / "big.webp")
+    assert result.exit_code == 0, result.output
+    with Image.open(cat / "big.webp") as img:
+        assert img.format == "WEBP" and img.size == (128, 96)
+    result = cli("upscale", cat / "cat.jpg", "-f", "png")
+    assert result.exit_code == 0 and (cat / "cat_x4.png").is_file(), result.output
+
+
+def test_upscale_keeps_alpha(cli, tmp_path):
+    img = small_photo("coffee", (20, 16)).convert("RGBA")
+    img.putalpha(128)
+    img.save(tmp_path / "cup.png")
+    assert cli("upscale", tmp_path / "cup.png").exit_code == 0
+    with Image.open(tmp_path / "cup_x4.png") as out:
+        assert out.mode == "RGBA" and out.size == (80, 64) and out.getextrema()[3] == (128, 128)
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot"])
+def test_output_equal_to_input_is_refused_and_input_untouched(cli, cat, spelling):
+    src = cat / "cat.png"
+    before = snapshot(cat)
+    dst = src if spelling == "same" else cat / "sub" / ".." / "cat.png"
+    assert_one_line_error(cli("upscale", src, "-o", dst), "overwrite the input")
+    assert snapshot(cat) == before
+
+
+def test_existing_output_needs_overwrite(cli, cat):
+    (cat / "cat_x4.png").write_bytes(b"keep me")
+    assert_one_line_error(cli("upscale", cat / "cat.png"), "exists", "--overwrite")
+    assert (cat / "cat_x4.png").read_bytes() == b"keep me"
+    assert cli("upscale", cat / "cat.png", "--overwrite").exit_code == 0
+    with Image.open(cat / "cat_x4.png") as img:
+        assert img.size == (128, 96)
+
+
+def _truncated_jpeg(folder: Path) -> Path:
+    buf = io.BytesIO()
+    small_photo("chelsea", (64, 48)).save(buf, "JPEG", quality=90)
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return folder / "cut.jpg"
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing", ["no such file"]),
+    ("text-as-jpg", ["not an image"]),
+    ("truncated", ["corrupt or truncated"]),
+    ("empty", ["empty"]),
+    ("folder", ["not a file"]),
+])
+def test_unreadable_inputs_give_one_line_and_write_nothing(cli, tmp_path, case, words):
+    src = {"missing": tmp_path / "nope.jpg", "text-as-jpg": tmp_path / "notes.jpg", "truncated": None,
+           "empty": tmp_path / "empty.png", "folder": tmp_path / "dir.png"}[case]
+    if case == "text-as-jpg":
+        src.write_text("this is not a photo\n")
+    elif case == "truncated":
+        src = _truncated_jpeg(tmp_path)
+    elif case == "empty":
+        src.write_bytes(b"")
+    elif case == "folder":
+        src.mkdir()
+    before = snapshot(tmp_path)
+    assert_one_line_error(cli("upscale", src), *words)
+    assert snapshot(tmp_path) == before                              # no output, no temp file
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "no-such-model"], ["unknown model", "no-such-model"]),
+    (["--model", "./missing-folder"], ["does not exist"]),
+    (["-o", "missing-dir/out.png"], ["does not exist"]),
+    (["-f", "gif"], ["unknown output format"]),
+    (["--color-fix", "sepia"], ["colour fix"]),
+])
+def test_bad_options_give_one_line_errors(cli, cat, tiny_model_dir, args, words, monkeypatch):
+    monkeypatch.chdir(cat)
+    model = "--model" not in args
+    before = snapshot(cat)
+    assert_one_line_error(cli("upscale", "cat.png", *args, *([] if model else FAST), model=model), *words)
+    assert snapshot(cat) == before
+
+
+def test_help_shows_examples(cli):
+    for cmd in ("upscale", "batch"):
+        result = cli(cmd, "--help", model=False)
+        assert result.exit_code == 0 and "Examples" in result.output and f"teasr {cmd}" in result.output
+
+
+def test_models_lists_the_default(cli):
+    result = cli("models", model=False)
+    assert result.exit_code == 0 and "teasr-tiny" in result.output
+
+
+# ------------------------------------------------------------------ batch
+
+@pytest.fixture
+def album(tmp_path):
+    """photos/ with a.png, b.jpg, notes.txt, bad.png (corrupt) and sub/c.png: real photos, small."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    small_photo("chelsea", (24, 16)).save(root / "a.png")
+    small_photo("coffee", (20, 16)).save(root / "b.jpg", quality=90)
+    small_photo("astronaut", (16, 16)).save(root / "sub" / "c.png")
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_batch_recursive_keeps_tree_reports_corrupt_file_and_resumes(cli, album, tmp_path):
+    out = tmp_path / "out"
+    result = cli("batch", album, "-o", out, "-r")
+    assert result.exit_code == 1, result.output
+    assert "bad.png" in result.output and "Traceback" not in result.output
+    files = snapshot(out)
+    assert sorted(map(str, files)) == ["a.png", "b.jpg", "sub/c.png"]   # no temp files, nothing for bad.png
+    for rel, size in [("a.png", (96, 64)), ("b.jpg", (80, 64)), ("sub/c.png", (64, 64))]:
+        with Image.open(out / rel) as img:
+            assert img.size == size
+    again = cli("batch", album, "-o", out, "-r")
+    assert again.exit_code == 1 and "bad.png" in again.output
+    assert snapshot(out) == files                                        # finished outputs skipped: same bytes, same mtimes
+    assert "skipped" in again.output
+
+
+def test_batch_glob_and_non_recursive(cli, album, tmp_path):
+    result = cli("batch", album, "-o", tmp_path / "jpg", "-r", "--glob", "*.jpg")
+    assert result.exit_code == 0, result.output
+    assert sorted(map(str, snapshot(tmp_path / "jpg"))) == ["b.jpg"]
+    result = cli("batch", album, "-o", tmp_path / "png", "--glob", "*.png")
+    assert result.exit_code == 1 and "bad.png" in result.output
+    assert sorted(map(str, snapshot(tmp_path / "png"))) == ["a.png"]     # no -r: sub/ left alone
+
+
+def test_batch_default_output_folder_and_format(cli, album):
+    result = cli("batch", album, "-r", "-f", "png", "--glob", "[abc].*")
+    assert result.exit_code == 0, result.output
+    assert sorted(map(str, snapshot(album.with_name("photos_x4")))) == ["a.png", "b.png", "sub/c.png"]
+
+
+@pytest.mark.parametrize("case,words", [
+    ("missing", ["no such folder"]),
+    ("same", ["input folder"]),
+    ("nothing", ["no images matching"]),
+])
+def test_batch_refusals(cli, album, tmp_path, case, words):
+    args = {"missing": [tmp_path / "nope"], "same": [album, "-o", album], "nothing": [album, "--glob", "*.gif"]}[case]
+    before = snapshot(tmp_path)
+    assert_one_line_error(cli("batch", *args), *words)
+    assert {p for p in snapshot(tmp_path) if "photos_x4" not in str(p)} == set(before)
+
+
+# ------------------------------------------------------------------ a real process
+
+def _teasr(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
+    return subprocess.run([sys.executable, "-m", "teasr_cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_real_process_upscales_and_fails_cleanly(cat, tiny_model_dir):
+    ok = _teasr("upscale", "cat.jpg", "-o", "big.png", "--model", tiny_model_dir, *FAST, cwd=cat)
+    assert ok.returncode == 0, ok.stderr
+    with Image.open(cat / "big.png") as img:
+        assert img.size == (128, 96)
+    _truncated_jpeg(cat)
+    bad = _teasr("upscale", "cut.jpg", "--model", tiny_model_dir, *FAST, cwd=cat)
+    err = bad.stderr.strip()
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    assert not (cat / "cut_x4.jpg").exists()
