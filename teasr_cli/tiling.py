@@ -20,10 +20,15 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def ramp(length: int, tile: int, at_start: bool, at_end: bool, overlap: int) -> torch.Tensor:
-    """1-D weight: a raised-cosine ramp over `overlap` pixels on inner edges, flat elsewhere."""
+    """1-D weight: a raised-cosine ramp over `overlap` pixels on inner edges, flat elsewhere.
+
+    The ramp starts at exactly 0 on the tile's inner edge, where the model sees the tile border instead
+    of the neighbouring content, so that pixel comes wholly from the neighbour (which covers it with
+    weight 1 as tiles overlap by >= `overlap`): a model with a 3x3 receptive field tiles exactly.
+    """
     w = torch.ones(tile, dtype=torch.float64)
-    if overlap > 0:
-        r = 0.5 - 0.5 * torch.cos(torch.pi * (torch.arange(overlap, dtype=torch.float64) + 0.5) / overlap)
+    if overlap > 1:
+        r = 0.5 - 0.5 * torch.cos(torch.pi * torch.arange(overlap, dtype=torch.float64) / (overlap - 1))
         if not at_start:
             w[:overlap] = r
         if not at_end:

@@ -40,22 +40,6 @@ def photo_latents(size=96, seed=0):
     return noise, z_lq
 
 
-def inner_edge_mask(tv, H, W, margin):
-    """True where a pixel lies within `margin` of some tile edge that is not an image edge."""
-    mask = torch.zeros(H, W, dtype=torch.bool)
-    tiles, _ = tv.grid(H, W)
-    for y, x, h, w in tiles:
-        for lo, hi, size, axis in ((y, y + h, H, 0), (x, x + w, W, 1)):
-            sl = [slice(y, y + h), slice(x, x + w)]
-            if lo > 0:
-                sl[axis] = slice(lo, lo + margin)
-                mask[tuple(sl)] = True
-            if hi < size:
-                sl[axis] = slice(hi - margin, hi)
-                mask[tuple(sl)] = True
-    return mask
-
-
 # ------------------------------------------------------------------ the grid
 
 def test_tile_starts_cover_the_range_with_at_least_the_overlap():
@@ -87,12 +71,12 @@ def test_blend_weights_sum_to_one_everywhere(H, W, tile, overlap):
 
 def test_blend_weights_are_smooth_across_the_overlap():
     """No hard switch from one tile to the next: inside a 16-pixel overlap, neighbouring pixels'
-    weights differ by at most pi/(2*16) (the raised cosine's steepest slope)."""
+    weights differ by at most pi/(2*15) (the raised cosine's steepest slope over 16 samples from 0 to 1)."""
     tv = TiledVelocity(None, 32, 16)
     tiles, norm = tv.grid(32, 80)
     for wt in norm:
         row = wt[0].double()
-        assert (row[1:] - row[:-1]).abs().max() <= np.pi / 32 + 1e-6
+        assert (row[1:] - row[:-1]).abs().max() <= np.pi / 30 + 1e-6
 
 
 def test_overlap_must_be_smaller_than_the_tile():
@@ -120,12 +104,10 @@ def test_pointwise_model_tiled_equals_untiled_everywhere():
 
 
 def test_no_seams_on_a_real_photo_with_a_3x3_model():
-    """Tiles of a 3x3 model agree with the whole latent everywhere except the one pixel row/column
-    along each inner tile edge, where a tile sees its zero padding instead of its neighbour.
+    """Tiles of a 3x3 model agree with the whole latent everywhere, blend zones included.
 
-    The raised-cosine ramp gives that outermost pixel a small but non-zero weight (the cosine is
-    sampled at pixel centres), so those pixels are slightly off; everywhere else, blend zones
-    included, tiled == untiled. The off pixels carry less than the edge weight times the error.
+    Only a tile's outermost pixel sees the tile border (zero padding) instead of its neighbour, and
+    the blend ramp gives that pixel weight 0, so tiled == untiled up to float rounding.
     """
     noise, z_lq = photo_latents()
     H, W = z_lq.shape[-2:]
@@ -134,18 +116,11 @@ def test_no_seams_on_a_real_photo_with_a_3x3_model():
     for tile, overlap in [(10, 4), (12, 6), (16, 8)]:
         tv = TiledVelocity(model, tile, overlap)
         assert len(tv.grid(H, W)[0]) >= 4, "the test needs a real grid"
-        diff = (tv(noise, 0.7, z_lq, 0.2) - full).abs().amax(dim=(0, 1))
-        edge = inner_edge_mask(tv, H, W, margin=1)
-        assert edge.float().mean() < 0.5
-        assert diff[~edge].max() < 1e-5, (tile, overlap)
-        # blend zones are part of the exact set: pixels covered by two or more tiles
         covered = torch.zeros(H, W)
         for y, x, h, w in tv.grid(H, W)[0]:
             covered[y:y + h, x:x + w] += 1
-        assert ((covered >= 2) & ~edge).sum() > 0.2 * H * W
-        # at the inner edges the error is damped by the ramp's first weight
-        r0 = 0.5 - 0.5 * np.cos(np.pi * 0.5 / min(overlap, tile // 2))
-        assert diff[edge].max() < 2 * r0 * (model(noise, 0.7, z_lq, 0.2).abs().max() + 1)
+        assert (covered >= 2).sum() > 0.2 * H * W, "blend zones must be a real part of the image"
+        torch.testing.assert_close(tv(noise, 0.7, z_lq, 0.2), full, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("B", [1, 2])
