@@ -80,7 +80,7 @@ class HQImages:
         for k in range(len(self.files)):
             img = self.load((index + k) % len(self.files))
             if img is not None:
-                return random_crop_flip(img.float() / 255, self.crop, generator)
+                return random_crop_flip(img, self.crop, generator).float() / 255   # crop first: whole photos are big
         raise TeasrError("no usable training images (all unreadable or smaller than the crop)")
 
 
