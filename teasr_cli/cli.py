@@ -279,6 +279,114 @@ def train(
     console.print(f"done: model in {folder} (log: {out / 'metrics.jsonl'})")
 
 
+METRIC_FORMATS = {"psnr": "{:.2f}", "ssim": "{:.4f}", "niqe": "{:.3f}", "fid": "{:.2f}"}   # as papers print them
+
+
+def _eval_table(res, title: str) -> Table:
+    """The papers' table: one row per method, one column per metric, the best value in bold."""
+    table = Table(title=title, caption="bold: best per column", caption_justify="left")
+    table.add_column("method")
+    for k in res.metrics:
+        table.add_column(f"{k.upper()} {'↑' if res.higher_is_better[k] else '↓'}", justify="right")
+    best = {k: res.best(k) for k in res.metrics}
+    for m in res.methods:
+        cells = []
+        for k in res.metrics:
+            v = res.means[m][k]
+            text = "n/a" if v is None else "inf" if v == float("inf") else METRIC_FORMATS.get(k, "{:.4f}").format(v)
+            cells.append(f"[bold]{text}[/]" if best[k] == m else f"[dim]{text}[/]" if v is None else text)
+        table.add_row(m, *cells)
+    return table
+
+
+@app.command("eval", epilog="""[bold]Examples[/]\n
+  teasr eval --dataset realsr --steps 1,2,4,8        [dim]# StableSR test set, downloaded once[/]\n
+  teasr eval --lq my_lr/ --hq my_hr/ --steps 1,4     [dim]# any folder pair, names matched[/]\n
+  teasr eval --hq photos/ --degrade realesrgan --limit 20 --metrics psnr,lpips\n
+  [dim]killed? run the same command again: finished images are not recomputed[/]""")
+def eval_(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="realsr, drealsr or div2k-val: the StableSR test sets, downloaded from the Hugging Face Hub on first use."),
+    lq: Optional[Path] = typer.Option(None, "--lq", help="Folder of LQ images, paired by name with --hq."),
+    hq: Optional[Path] = typer.Option(None, "--hq", help="Folder of HQ (ground-truth) images, 4x the LQ."),
+    degrade: Optional[str] = typer.Option(None, "--degrade", help="Make each LQ from its --hq image: bicubic, mild or realesrgan."),
+    degrade_seed: int = typer.Option(0, "--degrade-seed", help="Seed of the --degrade draws (per image: seed and index)."),
+    model: Optional[str] = ModelOpt,
+    steps: str = typer.Option("1,2,4,8", "--steps", "-s", help="Step counts to evaluate, comma-separated."),
+    seed: int = SeedOpt,
+    baseline: str = typer.Option("bicubic,lanczos", "--baseline", help="Baseline rows: bicubic, lanczos, both (comma-separated) or none."),
+    metrics: str = typer.Option(",".join(("psnr", "ssim", "lpips", "dists", "niqe", "fid")), "--metrics",
+                                help="Metrics, comma-separated: psnr, ssim, lpips, lpips-vgg, dists, niqe, fid."),
+    crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cropped from each border for PSNR/SSIM (0 as pyiqa; BasicSR uses 4)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder (default eval_results/<dataset>)."),
+    save_images: bool = typer.Option(False, "--save-images", help="Also save every SR image under OUT/images/."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (quick checks)."),
+    tile: Optional[int] = TileOpt, tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt,
+    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt,
+):
+    """Benchmark the model against ground truth: PSNR, SSIM, LPIPS, DISTS, NIQE, FID per step count."""
+    from teasr_cli import benchsets
+    from teasr_cli import evaluation as ev
+    from teasr_cli.pipeline import COLOR_FIXES
+
+    try:
+        step_list = ev.parse_steps(steps)
+        baselines = ev.parse_list(baseline, ev.BASELINES, "baseline")
+        metric_list = ev.parse_list(metrics, ev.available_metrics(), "metric")
+        if not metric_list:
+            raise ev.EvalError("--metrics none leaves nothing to measure; name at least one metric")
+        if color_fix not in COLOR_FIXES:
+            raise TeasrError(f"unknown --color-fix {color_fix!r}; use one of {', '.join(COLOR_FIXES)}")
+        pairs, label, data = benchsets.resolve_pairs(dataset, lq, hq, degrade, degrade_seed)
+        pairs = pairs[:limit] if limit else pairs
+        benchsets.check_sizes(pairs)   # a wrong-size pair fails now, not after an hour of sampling
+        up = _load(model, device, dtype, threads)
+    except TeasrError as e:
+        fail(str(e))
+    out = out or Path("eval_results") / label
+    settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix}
+    methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, _settings(s, **settings)), s,
+                         {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
+               for s in step_list] + [ev.baseline(b) for b in baselines]
+    config = {"dataset": label, "data": data, "model": str(model or "default"), "model_folder": str(up.folder),
+              "steps": step_list, "seed": seed, "degrade": degrade, "degrade_seed": degrade_seed if degrade else None,
+              "baselines": baselines, "color_fix": color_fix, "dtype": dtype, "device": up.device.type}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("evaluating", total=len(pairs))
+
+        def on_progress(done, total, what):
+            bar.update(task, completed=done, description=f"{what[:36]:36}")
+
+        try:
+            res = ev.evaluate(pairs, methods, metric_list, out, save_images, on_progress, config, crop_border,
+                              device=up.device)
+        except TeasrError as e:
+            bar.remove_task(task)   # so the error below is the last and only line left
+            error = f"{e} (finished images are kept in {out / ev.PER_IMAGE}; run again to resume)"
+        else:
+            error = None
+    if error:
+        fail(error)
+    Console().print(_eval_table(res, f"teasr eval: {label} ({len(pairs)} images)"))
+    for k, why in res.unavailable.items():
+        console.print(f"[yellow]{k}:[/] n/a, {why}", highlight=False, soft_wrap=True)
+    resumed = len(pairs) * len(methods) - res.computed
+    console.print(f"wrote {out / 'results.json'}, results.csv and metrics_vs_steps.png"
+                  + (f" ({resumed} of {len(pairs) * len(methods)} results resumed)" if resumed else ""),
+                  highlight=False, soft_wrap=True)
+
+
+def _teasr_fn(up, settings):
+    return lambda lq: up.upscale_tensor(lq, settings)
+
+
+def _model_id(up) -> dict:
+    """What identifies the weights, so resumed results never mix two models saved in one folder."""
+    w = Path(up.folder) / "model.safetensors"
+    st = w.stat() if w.exists() else None
+    return {"model": str(up.folder), "weights": [st.st_size, st.st_mtime_ns] if st else None}
+
+
 @app.command()
 def models():
     """List the embedded and known models."""
