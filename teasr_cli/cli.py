@@ -37,7 +37,8 @@ TileOpt = typer.Option(None, "--tile", min=1, help="Tile size in latent pixels (
 OverlapOpt = typer.Option(None, "--tile-overlap", min=0, help="Tile overlap in latent pixels (default: a quarter of the tile).")
 ColorOpt = typer.Option("wavelet", "--color-fix", help="Colour correction toward the input: wavelet, adain or none.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
-DtypeOpt = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (half precision needs a GPU to pay off).")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32; bf16 for qwen-image), fp32, bf16 or fp16 (half precision needs a GPU to pay off).")
+OffloadOpt = typer.Option("none", "--offload", help="Big models: none, model (one of DiT/VAE on the GPU at a time) or sequential (layer by layer, least memory).")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch (default: all cores).")
 FormatOpt = typer.Option(None, "--format", "-f", help="Output format (png, jpg, webp, tiff, bmp); default from the output suffix.")
 QualityOpt = typer.Option(95, "--quality", min=1, max=100, help="JPEG/WebP quality.")
@@ -45,11 +46,19 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output 
 MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1, help="Refuse inputs with more pixels than this (decompression-bomb guard; default 100M).")
 
 
-def _load(model, device, dtype, threads):
+def _load(model, device, dtype, threads, offload="none"):
     from teasr_cli.pipeline import Upscaler
 
     with console.status("loading model..."):
-        return Upscaler.from_pretrained(model, device=device, dtype=dtype, threads=threads)
+        return Upscaler.from_pretrained(model, device=device, dtype=dtype, threads=threads, offload=offload)
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank) when started by `accelerate launch` / torchrun, else (0, 1, 0)."""
+    import os
+
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
 def _settings(steps, seed, tile, tile_overlap, color_fix):
@@ -87,7 +96,7 @@ def upscale(
     model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
     tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
-    overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt,
+    overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt, offload: str = OffloadOpt,
 ):
     """Upscale one image x4."""
     from teasr_cli.imageio import output_format
@@ -103,7 +112,7 @@ def upscale(
             raise ImageWriteError(f"{dst} exists; pass --overwrite to replace it")
         if not dst.parent.exists():
             raise ImageWriteError(f"{dst.parent}: output folder does not exist")
-        up = _load(model, device, dtype, threads)
+        up = _load(model, device, dtype, threads, offload)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task(f"upscaling {input.name}", total=steps)
@@ -133,9 +142,12 @@ def batch(
     model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
     tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
     threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
-    overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt,
+    overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt, offload: str = OffloadOpt,
 ):
-    """Upscale every image in a folder x4; resumes where an interrupted run stopped."""
+    """Upscale every image in a folder x4; resumes where an interrupted run stopped.
+
+    Under `accelerate launch` (or torchrun) each process takes every WORLD_SIZE-th file, on its own GPU.
+    """
     from teasr_cli.imageio import output_format
 
     if not folder.is_dir():
@@ -155,10 +167,15 @@ def batch(
     if not files:
         fail(f"no images matching {glob!r} in {folder}" + ("" if recursive else " (use -r for subfolders)"), code=1)
     jobs = [(src, outdir / src.relative_to(folder).with_suffix(_suffix_for(format, src.suffix))) for src in files]
+    rank, world, local_rank = _dist()
+    jobs = jobs[rank::world]   # shard the sorted list before skipping, so no file is ever done twice
+    if world > 1 and device == "auto":
+        import torch
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     todo = [(s, d) for s, d in jobs if overwrite or not d.exists()]
     skipped = len(jobs) - len(todo)
     try:
-        up = _load(model, device, dtype, threads) if todo else None
+        up = _load(model, device, dtype, threads, offload) if todo else None
     except TeasrError as e:
         fail(str(e))
     settings = _settings(steps, seed, tile, tile_overlap, color_fix)
@@ -177,7 +194,7 @@ def batch(
             except Exception as e:   # one odd file must not stop a long batch; it is reported below
                 failed.append((src, f"{type(e).__name__}: {e}"))
             bar.advance(task)
-    table = Table(title="teasr batch", show_header=False)
+    table = Table(title="teasr batch" + (f" (process {rank + 1}/{world})" if world > 1 else ""), show_header=False)
     table.add_row("upscaled", str(len(todo) - len(failed)))
     table.add_row("skipped (output exists)", str(skipped))
     table.add_row("failed", str(len(failed)))
@@ -321,7 +338,7 @@ def eval_(
     save_images: bool = typer.Option(False, "--save-images", help="Also save every SR image under OUT/images/."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (quick checks)."),
     tile: Optional[int] = TileOpt, tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt,
-    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt,
+    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, offload: str = OffloadOpt,
 ):
     """Benchmark the model against ground truth: PSNR, SSIM, LPIPS, DISTS, NIQE, FID per step count."""
     from teasr_cli import benchsets
@@ -339,7 +356,7 @@ def eval_(
         pairs, label, data = benchsets.resolve_pairs(dataset, lq, hq, degrade, degrade_seed)
         pairs = pairs[:limit] if limit else pairs
         benchsets.check_sizes(pairs)   # a wrong-size pair fails now, not after an hour of sampling
-        up = _load(model, device, dtype, threads)
+        up = _load(model, device, dtype, threads, offload)
     except TeasrError as e:
         fail(str(e))
     out = out or Path("eval_results") / label

@@ -15,6 +15,7 @@ from teasr_cli.tiling import TiledVelocity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLOR_FIXES = ("wavelet", "adain", "none")
+OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -24,12 +25,12 @@ def pick_device(device: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TeasrError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TeasrError(f"--device {device} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise TeasrError("--device mps asked for, but this PyTorch has no MPS (Apple GPU) support; use --device cpu or auto")
-    if device not in ("cpu", "cuda", "mps"):
-        raise TeasrError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise TeasrError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return torch.device(device)
 
 
@@ -94,19 +95,34 @@ class Upscaler:
     >>> sr = up(Image.open("photo.jpg"), steps=4, seed=0)
     """
 
-    def __init__(self, model, codec, scale: int = 4, device: str | torch.device = "cpu", dtype: str = "fp32"):
+    def __init__(self, model, codec, scale: int = 4, device: str | torch.device = "cpu", dtype: str = "auto",
+                 offload: str = "none"):
+        big = hasattr(model, "offload_mode")   # a Hub-base backbone (Qwen-Image): bf16, offload hooks
+        if dtype == "auto":
+            dtype = "bf16" if big else "fp32"
         if dtype not in DTYPES:
-            raise TeasrError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            raise TeasrError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
+        if offload not in OFFLOAD_MODES:
+            raise TeasrError(f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
+        if offload != "none" and not big:
+            raise TeasrError("--offload is for big backbones (qwen-image); this model fits in memory as it is")
         self.device = pick_device(device) if isinstance(device, str) else device
         self.dtype = DTYPES[dtype]
-        self.model = model.to(self.device, self.dtype).eval()
+        if big:
+            from teasr_cli.backbones.qwen_image import enable_offload
+            model.to(self.dtype)      # cast first: the offload hooks pin where each module lives
+            codec.to(self.dtype)
+            enable_offload(model, offload, self.device)
+            self.model = model.eval()
+        else:
+            self.model = model.to(self.device, self.dtype).eval()
         self.codec = codec.to(self.device)
         self.scale = scale
         self.patch = getattr(getattr(model, "config", None), "patch_size", 1)
 
     @classmethod
-    def from_pretrained(cls, spec=None, device: str = "auto", dtype: str = "fp32", threads: int | None = None,
-                        progress: bool = True) -> "Upscaler":
+    def from_pretrained(cls, spec=None, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                        progress: bool = True, offload: str = "none") -> "Upscaler":
         from teasr_cli.hub import resolve_model
         from teasr_cli.model import load_pretrained
 
@@ -114,7 +130,7 @@ class Upscaler:
         folder = resolve_model(spec, progress=progress)
         model, config = load_pretrained(folder)
         codec = getattr(model, "codec", None) or build_codec(config.get("codec", {}))
-        up = cls(model, codec, scale=config.get("scale", 4), device=device, dtype=dtype)
+        up = cls(model, codec, scale=config.get("scale", 4), device=device, dtype=dtype, offload=offload)
         up.config, up.folder = config, folder
         return up
 
