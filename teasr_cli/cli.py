@@ -210,6 +210,7 @@ def batch(
 @app.command(epilog="""[bold]Examples[/]\n
   teasr train --data photos/ --out runs/prior --config train/tiny-cpu.toml --stage prior\n
   teasr train --data photos/ --out runs/sad --stage sad --init runs/prior/model --steps 2000\n
+  accelerate launch --config_file train/accelerate/ddp-2gpu.yaml -m teasr_cli train -c train/qwen-image-a100.toml --data lsdir/ --out runs/qwen\n
   teasr train --out runs/sad --resume                  [dim]# continue after a kill[/]\n
   accelerate launch teasr train ...                     [dim]# several GPUs / processes[/]\n
   teasr train --export runs/sad -o my-model            [dim]# plain model folder for `teasr upscale -m`[/]""")
@@ -218,6 +219,8 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, samples/, model/."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe TOML (see train/)."),
     stage: Optional[str] = typer.Option(None, "--stage", help="prior (flow matching, all weights) or sad (SAD + TAR, LoRA)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="native (default) or qwen-image (needs a GPU; stage sad)."),
+    base: Optional[str] = typer.Option(None, "--base", help="qwen-image base: Hub repo org/name[@revision] (or 'tiny' for a smoke run)."),
     init: Optional[str] = typer.Option(None, "--init", help="Model folder to start from (the prior, for --stage sad)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
@@ -256,6 +259,7 @@ def train(
             if data is None and not resume:
                 fail("--data is required (a folder of HQ images, a .txt list or a Hub dataset id)")
             cfg = trainer.TrainConfig.load(str(recipe) if recipe else None, data=data, out=str(out), stage=stage, init=init,
+                                           backbone=backbone, base=base,
                                            steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, crop=crop,
                                            seed=seed, mixed_precision=mixed_precision, threads=threads,
                                            gradient_checkpointing=gradient_checkpointing)

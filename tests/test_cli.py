@@ -186,6 +186,22 @@ def test_batch_recursive_keeps_tree_reports_corrupt_file_and_resumes(cli, album,
     assert "skipped" in again.output
 
 
+def test_batch_shards_files_across_processes(cli, album, tmp_path, monkeypatch):
+    """Under accelerate/torchrun (RANK, WORLD_SIZE) each process takes its own share; none is done twice."""
+    out = tmp_path / "out"
+    done = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        before = set(snapshot(out)) if out.exists() else set()
+        result = cli("batch", album, "-o", out, "-r", "--glob", "[abc].*")
+        assert result.exit_code == 0, result.output
+        assert f"process {rank + 1}/2" in result.output
+        done.append(set(snapshot(out)) - before)
+    assert done[0] and done[1] and not done[0] & done[1]
+    assert sorted(map(str, done[0] | done[1])) == ["a.png", "b.jpg", "sub/c.png"]
+
+
 def test_batch_glob_and_non_recursive(cli, album, tmp_path):
     result = cli("batch", album, "-o", tmp_path / "jpg", "-r", "--glob", "*.jpg")
     assert result.exit_code == 0, result.output
