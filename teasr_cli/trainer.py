@@ -26,6 +26,8 @@ class TrainConfig:
     data: str = ""
     out: str = "runs/teasr"
     stage: str = "prior"                 # "prior" | "sad"
+    backbone: str = "native"             # "native" | "qwen-image" (base from `base`; only stage sad)
+    base: str = "Qwen/Qwen-Image-2512"   # qwen-image: Hub repo "org/name[@revision]", or "tiny" (tests, CPU smoke runs)
     init: str | None = None              # model folder to start from (required for sad: the prior)
     model: dict = field(default_factory=dict)                        # DiTConfig fields for a new prior
     codec: dict = field(default_factory=lambda: {"type": "pixel-unshuffle", "factor": 4, "scale": 1.0})
@@ -78,7 +80,11 @@ class TrainConfig:
         cfg = cls(**raw, sad=SADConfig(**sad))
         if cfg.stage not in ("prior", "sad"):
             raise TeasrError(f"--stage must be prior or sad, not {cfg.stage!r}")
-        if cfg.stage == "sad" and not cfg.init:
+        if cfg.backbone not in ("native", "qwen-image"):
+            raise TeasrError(f"--backbone must be native or qwen-image, not {cfg.backbone!r}")
+        if cfg.backbone == "qwen-image" and cfg.stage != "sad":
+            raise TeasrError("qwen-image is already a generative prior: train it with --stage sad")
+        if cfg.stage == "sad" and not cfg.init and cfg.backbone == "native":
             raise TeasrError("--stage sad needs --init MODEL_DIR (the prior to distil)")
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
@@ -161,6 +167,8 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     """(model, model-folder config). prior: new or --init; sad: --init prior + LoRA on the condition branch."""
     from teasr_cli.codecs import build_codec
 
+    if cfg.backbone == "qwen-image":
+        return build_qwen(cfg)
     if cfg.init:
         model, mcfg = load_pretrained(cfg.init)
     else:
@@ -172,14 +180,37 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     else:
         model.requires_grad_(True)
+    model.train()   # load_pretrained gives eval(); gradient checkpointing only runs in training mode
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, mcfg
+
+
+def build_qwen(cfg: TrainConfig):
+    """Qwen-Image (the frozen pretrained prior) + condition-branch LoRA; --init continues a teasr qwen folder."""
+    from teasr_cli.backbones import qwen_image as qi
+    from teasr_cli.hub import parse_repo_spec
+
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    if cfg.init:
+        model = qi.load_pretrained(cfg.init, dtype=dtype)   # LoRA included, trainable again
+    else:
+        if cfg.base == "tiny":
+            model = qi.build_tiny(cfg.seed)
+        else:
+            repo, rev = parse_repo_spec(cfg.base)
+            model = qi.from_base(repo, rev or qi.QWEN_IMAGE_BASE[1], dtype=dtype)
+        qi.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    model.train()
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model, {"backbone": "qwen-image", "scale": cfg.scale}
 
 
 def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None) -> Path:
     """A plain model folder for `teasr upscale`: EMA weights if any, the LoRA as plain condition-branch modules."""
     from teasr_cli.lora import export_lora
 
+    if mcfg.get("backbone") == "qwen-image":
+        return _export_qwen(model, folder, ema, meta)
     model = copy.deepcopy(model).cpu()
     if ema:
         params = dict(model.named_parameters())
@@ -189,6 +220,21 @@ def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta:
         export_lora(model)
     cfg = {**mcfg, "model": model.config.to_dict(), **(meta or {})}
     save_pretrained(model, cfg, folder)
+    return folder
+
+
+def _export_qwen(model, folder: Path, ema: dict | None, meta: dict | None) -> Path:
+    """Qwen-Image folders keep the LoRA (peft) and only the trained tensors; EMA swapped in, not deep-copied (20B)."""
+    from teasr_cli.backbones import qwen_image as qi
+
+    params = dict(model.named_parameters())
+    live = {n: params[n].detach().clone() for n in (ema or {})}
+    with torch.no_grad():
+        for n, v in (ema or {}).items():
+            params[n].copy_(v)
+        qi.save_pretrained(model, folder, meta)
+        for n, v in live.items():
+            params[n].copy_(v)
     return folder
 
 
@@ -265,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     run.mkdir(parents=True, exist_ok=True)
     images = HQImages(list_images(cfg.data), cfg.crop, cfg.small_images)
     model, mcfg = build_model(cfg)
-    codec = build_codec(mcfg["codec"]).to(acc.device)
+    codec = (getattr(model, "codec", None) or build_codec(mcfg["codec"])).to(acc.device)
     sad_cfg = stage_sad_config(cfg)
     lpips = None
     if cfg.stage == "sad" and cfg.lpips and sad_cfg.lambda_data > 0 and sad_cfg.lambda_lpips > 0:
@@ -307,10 +353,12 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
         sched.step()
         step += 1
         if ema is not None:
+            # warm-up: early on the average must not be dominated by the initial (zero-output) weights
+            decay = min(cfg.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if n in ema:
-                        ema[n].lerp_(p.detach(), 1 - cfg.ema)
+                        ema[n].lerp_(p.detach(), 1 - decay)
         if acc.is_main_process:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.time() - t0
