@@ -334,7 +334,7 @@ def eval_(
     model: Optional[str] = ModelOpt,
     steps: str = typer.Option("1,2,4,8", "--steps", "-s", help="Step counts to evaluate, comma-separated."),
     seed: int = SeedOpt,
-    baseline: str = typer.Option("bicubic,lanczos", "--baseline", help="Baseline rows: bicubic, lanczos, both (comma-separated) or none."),
+    baseline: str = typer.Option("bicubic,lanczos", "--baseline", help="Baseline rows, comma-separated: bicubic, lanczos, realesrgan (Real-ESRGAN x4plus, optional package) or none."),
     metrics: str = typer.Option(",".join(("psnr", "ssim", "lpips", "dists", "niqe", "fid")), "--metrics",
                                 help="Metrics, comma-separated: psnr, ssim, lpips, lpips-vgg, dists, niqe, fid."),
     crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cropped from each border for PSNR/SSIM (0 as pyiqa; BasicSR uses 4)."),
@@ -361,13 +361,14 @@ def eval_(
         pairs = pairs[:limit] if limit else pairs
         benchsets.check_sizes(pairs)   # a wrong-size pair fails now, not after an hour of sampling
         up = _load(model, device, dtype, threads, offload)
+        baseline_methods = [ev.baseline(b) for b in baselines]   # an uninstalled optional baseline fails here
     except TeasrError as e:
         fail(str(e))
     out = out or Path("eval_results") / label
     settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix}
     methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, _settings(s, **settings)), s,
                          {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
-               for s in step_list] + [ev.baseline(b) for b in baselines]
+               for s in step_list] + baseline_methods
     config = {"dataset": label, "data": data, "model": str(model or "default"), "model_folder": str(up.folder),
               "steps": step_list, "seed": seed, "degrade": degrade, "degrade_seed": degrade_seed if degrade else None,
               "baselines": baselines, "color_fix": color_fix, "dtype": dtype, "device": up.device.type}

