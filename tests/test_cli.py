@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import small_photo
+from conftest import assert_one_line_error, small_photo
 from teasr_cli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +36,6 @@ def cat(tmp_path):
     img.save(tmp_path / "cat.png")
     img.save(tmp_path / "cat.jpg", quality=90)
     return tmp_path
-
-
-def assert_one_line_error(result, *words):
-    text = result.output.strip()
-    assert result.exit_code not in (0, None), text
-    assert isinstance(result.exception, SystemExit), repr(result.exception)   # handled, not a crash
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    assert text.startswith("error:") and all(w in text for w in words), text
 
 
 def snapshot(folder: Path) -> dict:

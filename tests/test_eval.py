@@ -15,7 +15,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 from typer.testing import CliRunner
 
-from conftest import small_photo
+from conftest import assert_one_line_error, small_photo
 from hubserver import point_hub_at, serve_hub
 from teasr_cli import benchsets
 from teasr_cli import evaluation as ev
@@ -43,14 +43,6 @@ def cli(tiny_model_dir):
         return runner.invoke(app, ["eval", *map(str, args), *extra])
 
     return invoke
-
-
-def assert_one_line_error(result, *words):
-    text = result.output.strip()
-    assert result.exit_code not in (0, None), text
-    assert isinstance(result.exception, SystemExit), repr(result.exception)   # handled, not a crash
-    assert "Traceback" not in text and len(text.splitlines()) == 1, text
-    assert text.startswith("error:") and all(w in text for w in words), text
 
 
 def save_photos(folder: Path, size=(64, 64), names=PHOTOS, fmt="{}.png") -> Path:
