@@ -1,0 +1,423 @@
+"""Training (teasr_cli/trainer.py, lora.py): recipes, condition-branch LoRA, export, accumulation, resume,
+data determinism, a short real run, the CLI, and a 2-process CPU DDP run. Tiny models, real photos."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from skimage import data as skdata
+from typer.testing import CliRunner
+
+from teasr_cli.errors import TeasrError
+from teasr_cli.model import CondLoRALinear, DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
+from teasr_cli.sad import SADConfig, draw_sample, sad_losses
+from teasr_cli.trainer import (TrainConfig, build_model, export_model, latest_checkpoint, make_batch, train)
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=32, depth=1, num_heads=2, patch_size=2)
+CODEC = {"type": "pixel-unshuffle", "factor": 4, "scale": 1.0}
+FAST = dict(degradation="bicubic", lpips="", threads=1, sample_every=0, log_every=1, seed=0)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of three real photos (astronaut 512x512, chelsea 451x300, coffee 600x400)."""
+    root = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "chelsea", "coffee"):
+        Image.fromarray(getattr(skdata, name)()).save(root / f"{name}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prior_dir(tmp_path_factory):
+    """A saved tiny 2-block prior with seeded non-zero weights (adaLN-Zero would make a fresh model output 0)."""
+    torch.manual_seed(0)
+    model = TeasrDiT(DiTConfig(**{**TINY, "depth": 2}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("prior")
+    save_pretrained(model, model_config(model.config, CODEC), folder)
+    return folder
+
+
+def tiny_cfg(photos, out, **kw) -> TrainConfig:
+    return TrainConfig.load(None, **{"data": str(photos), "out": str(out), "model": dict(TINY), "crop": 32,
+                                     "stage": "prior", **FAST, **kw})
+
+
+def randomize_lora(model, seed=1, std=0.1):
+    """peft initialises lora_B to zero (a no-op adapter); make every LoRA factor non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def trainable_weights(run: Path, step: int) -> dict:
+    return load_file(run / f"ckpt-{step:07d}" / "trainable.safetensors")
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- TrainConfig
+
+RECIPE = """
+model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }
+crop = 64
+lr = 1e-4
+betas = [0.9, 0.95]
+[stages.prior]
+steps = 100
+lr = 3e-4
+[stages.sad]
+steps = 7
+lora_rank = 8
+[sad]
+lambda_adv = 0.5
+tar_w_max = 5.0
+"""
+
+
+def test_config_recipe_stage_tables_and_overrides(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE)
+    prior = TrainConfig.load(str(recipe), stage="prior", data="d")
+    assert (prior.steps, prior.lr, prior.crop, prior.betas, prior.lora_rank) == (100, 3e-4, 64, (0.9, 0.95), 128)
+    assert prior.model == dict(TINY) and prior.sad.lambda_adv == 0.5 and prior.sad.tar_w_max == 5.0
+    sad = TrainConfig.load(str(recipe), stage="sad", init="prior/", data="d")
+    assert (sad.steps, sad.lr, sad.lora_rank) == (7, 1e-4, 8)          # no lr in [stages.sad]: the flat one
+    # command-line values win over the flat keys and over the stage table; None means "not given"
+    cli = TrainConfig.load(str(recipe), stage="prior", steps=3, lr=1e-3, crop=None, sad={"lambda_adv": 2.0})
+    assert (cli.steps, cli.lr, cli.crop, cli.sad.lambda_adv, cli.sad.tar_w_max) == (3, 1e-3, 64, 2.0, 5.0)
+    # a saved train_config.json round-trips (that is how --resume and --export rebuild a run)
+    again = TrainConfig.load(None, **json.loads(json.dumps(sad.to_dict())))
+    assert again == sad
+
+
+@pytest.mark.parametrize("text, kw, words", [
+    ("lr = 1e-4\nlearning_rate = 1\n", {}, "learning_rate"),
+    ("[sad]\nlambda_gan = 1\n", {}, "sad.lambda_gan"),
+    ("[stages.prior]\nstep = 5\n", {}, "step"),
+    ("", {"stage": "sad"}, "--init"),
+    ("", {"stage": "distil"}, "prior or sad"),
+    ("crop = 100\n", {}, "multiple of 32"),
+    ("lr = \n", {}, "cannot read recipe"),
+])
+def test_config_errors_are_one_line_teasr_errors(tmp_path, text, kw, words):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text)
+    with pytest.raises(TeasrError) as e:
+        TrainConfig.load(str(recipe), **kw)
+    assert words in str(e.value) and "\n" not in str(e.value).strip()
+
+
+def test_shipped_recipe_loads_for_both_stages():
+    recipe = ROOT / "train" / "tiny-cpu.toml"
+    prior = TrainConfig.load(str(recipe), stage="prior", data="d")
+    sad = TrainConfig.load(str(recipe), stage="sad", init="m", data="d")
+    assert prior.ema > 0 and sad.ema == 0 and sad.lora_rank == 32 and prior.steps != sad.steps
+
+
+# ----------------------------------------------------------------------------- condition-branch LoRA
+
+def sad_model(prior_dir, **kw):
+    cfg = TrainConfig.load(None, stage="sad", init=str(prior_dir), data="d", lora_rank=4, lora_alpha=8, crop=32, **kw)
+    return build_model(cfg)
+
+
+def test_lora_stage_trains_only_lora_and_condition_modules(prior_dir):
+    model, _ = sad_model(prior_dir)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith(("c_embedder.", "t2_embedder.")) for n in trainable)
+    # every LORA_TARGETS linear of every block carries a LoRA, nothing else does
+    lora_mods = {n.rsplit(".lora_", 1)[0] for n in trainable if "lora_" in n}
+    targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    assert lora_mods == {f"blocks.{b}.{m}" for b in (0, 1) for m in targets}
+    assert model.training          # load_pretrained gives eval(); gradient checkpointing runs in training mode only
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    z0, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+    draws = [draw_sample((48, 8, 8), SADConfig(), g) for _ in range(2)]
+    draws = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+    for _ in range(3):
+        loss = sad_losses(model, z0, zl, draws, SADConfig(), decode=lambda z: torch.pixel_shuffle(z, 4),
+                          x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1))["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Only noise tokens reach the output, so in the last block the condition tokens' attention output and MLP
+    # are dead ends: those LoRAs get exactly zero gradient (and, starting from B = 0, never move).
+    dead = {n for n in names_of(model) if n.startswith(("blocks.1.attn.proj.lora", "blocks.1.mlp.fc"))}
+    assert len(dead) == 6
+    assert changed == names_of(model) - dead        # every other trainable tensor moved, no frozen one did
+
+
+def test_gradient_checkpointing_engages_and_gives_the_same_gradients(prior_dir):
+    grads, saved = [], []
+    for ckpt in (False, True):
+        model = randomize_lora(sad_model(prior_dir, gradient_checkpointing=ckpt)[0])
+        g = torch.Generator().manual_seed(0)
+        z0, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+        draws = [draw_sample((48, 8, 8), SADConfig(), g) for _ in range(2)]
+        draws = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+        n = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: n.__setitem__(0, n[0] + t.numel()) or t, lambda t: t):
+            loss = sad_losses(model, z0, zl, draws, SADConfig(lambda_data=0.0))["loss"]
+        loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
+        saved.append(n[0])
+    assert saved[1] < saved[0] / 2                    # checkpointing really ran (the model is in training mode)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def names_of(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _first_block_qk(model, z, zl, t, s):
+    """q and k rows (all tokens) entering the first block's QK-norm."""
+    seen = {}
+    hooks = [getattr(model.blocks[0].attn, k).register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, a[0]))
+             for k in ("q_norm", "k_norm")]
+    with torch.no_grad():
+        model(z, t, zl, s)
+    for h in hooks:
+        h.remove()
+    return seen["q_norm"], seen["k_norm"]
+
+
+def test_lora_reaches_condition_tokens_only(prior_dir):
+    base, _ = load_pretrained(prior_dir)
+    lora = randomize_lora(sad_model(prior_dir)[0])
+    g = torch.Generator().manual_seed(0)
+    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+    t, s = torch.tensor([0.7, 0.2]), torch.tensor([0.3, 0.0])
+    n = 16                                                       # (8 / patch 2)^2 noise tokens
+    (qb, kb), (ql, kl) = _first_block_qk(base, z, zl, t, s), _first_block_qk(lora, z, zl, t, s)
+    torch.testing.assert_close(ql[:, :, :n], qb[:, :, :n], rtol=0, atol=1e-6)   # noise tokens: the frozen prior
+    torch.testing.assert_close(kl[:, :, :n], kb[:, :, :n], rtol=0, atol=1e-6)
+    assert (ql[:, :, n:] - qb[:, :, n:]).abs().max() > 1e-2                      # condition tokens: adapted
+    # the per-token modulation of the noise tokens comes from the frozen adaLN too
+    blk_b, blk_l = base.blocks[0], lora.blocks[0]
+    with torch.no_grad():
+        c_noise, c_cond = base.t_embedder(t), base.t2_embedder(s)
+        mb, ml = blk_b.modulation(c_noise, c_cond, n, n), blk_l.modulation(c_noise, c_cond, n, n)
+    for a, b in zip(mb, ml):
+        torch.testing.assert_close(b[:, :n], a[:, :n], rtol=0, atol=1e-6)
+    assert any((b[:, n:] - a[:, n:]).abs().max() > 1e-3 for a, b in zip(mb, ml))
+
+
+def test_export_gives_plain_model_with_identical_outputs(prior_dir, tmp_path):
+    model, mcfg = sad_model(prior_dir)
+    randomize_lora(model)
+    with torch.no_grad():                                         # as if training had moved them too
+        model.c_embedder.weight.mul_(1.1)
+        model.t2_embedder.mlp[0].bias.add_(0.05)
+    folder = export_model(model, mcfg, tmp_path / "exported", meta={"trained": {"stage": "sad"}})
+    assert any(type(m).__module__.startswith("peft") for m in model.modules())   # the training model is untouched
+    plain, cfg = load_pretrained(folder)
+    assert not any(type(m).__module__.startswith("peft") for m in plain.modules())
+    assert sum(isinstance(m, CondLoRALinear) for m in plain.modules()) == 10
+    assert cfg["model"]["cond_lora_rank"] == 4 and cfg["trained"] == {"stage": "sad"}
+    g = torch.Generator().manual_seed(1)
+    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+    t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])
+    with torch.no_grad():
+        want, got = model.eval()(z, t, zl, s), plain(z, t, zl, s)
+        base = load_pretrained(prior_dir)[0](z, t, zl, s)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - base).abs().max() > 1e-3                      # and the LoRA did change the output
+
+
+# ----------------------------------------------------------------------------- data: determinism and sizes
+
+@pytest.mark.parametrize("degradation", ["bicubic", "mild", "realesrgan"])
+def test_batches_are_deterministic_per_sample_and_sized(photos, degradation):
+    from teasr_cli.data import HQImages, list_images
+
+    cfg = tiny_cfg(photos, "unused", degradation=degradation, crop=64)
+    images = HQImages(list_images(cfg.data), cfg.crop)
+    shape = (48, 16, 16)
+    hq, lq, d = make_batch(images, cfg, 0, 3, shape, "cpu")
+    assert hq.shape == (3, 3, 64, 64) and lq.shape == (3, 3, 16, 16) and d["eps"].shape == (3, *shape)
+    assert 0 <= lq.min() and lq.max() <= 1
+    # sample k is a pure function of (seed, k): a batch of 2 from sample 1 repeats samples 1 and 2
+    hq2, lq2, d2 = make_batch(images, cfg, 1, 2, shape, "cpu")
+    assert torch.equal(hq2, hq[1:]) and torch.equal(lq2, lq[1:]) and all(torch.equal(d2[k], d[k][1:]) for k in d)
+    assert not torch.equal(hq[0], hq[1]) and not torch.equal(d["eps"][0], d["eps"][1])
+    other = make_batch(images, tiny_cfg(photos, "unused", degradation=degradation, crop=64, seed=1), 0, 3, shape, "cpu")
+    assert not torch.equal(other[0], hq)                         # another seed, other crops
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_grad_accumulation_matches_bigger_batch(photos, tmp_path):
+    """batch 2 x accum 1 and batch 1 x accum 2 see the same samples and give the same weights."""
+    big = tmp_path / "big"
+    acc = tmp_path / "acc"
+    train(tiny_cfg(photos, big, steps=2, batch_size=2, grad_accum=1, lr=1e-3))
+    train(tiny_cfg(photos, acc, steps=2, batch_size=1, grad_accum=2, lr=1e-3))
+    a, b = trainable_weights(big, 2), trainable_weights(acc, 2)
+    assert_same(a, b, atol=1e-6)
+    init = TeasrDiT(DiTConfig.from_dict({"latent_channels": 48, **TINY})).state_dict()
+    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-3   # the two steps did move the weights
+
+
+def test_resume_after_kill_equals_uninterrupted_run(photos, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    kw = dict(steps=4, batch_size=2, lr=1e-3, ckpt_every=1, keep_last=10, ema=0.9)
+    train(tiny_cfg(photos, straight, **kw))
+
+    def die_at_step_3(rec):   # step 3 is computed and logged, but killed before its checkpoint is written
+        if rec.get("step") == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(photos, killed, **kw), callback=die_at_step_3)
+    assert latest_checkpoint(killed).name == "ckpt-0000002"
+    (killed / ".ckpt-0000003.tmp").mkdir()                       # a half-written checkpoint is ignored
+    (killed / ".ckpt-0000003.tmp" / "state.json").write_text("{}")
+    (killed / "ckpt-0000009").mkdir()                           # so is a folder without its state.json
+    assert latest_checkpoint(killed).name == "ckpt-0000002"
+    with pytest.raises(TeasrError, match="--resume"):
+        train(tiny_cfg(photos, killed, **kw))                   # not resuming an existing run is refused
+    train(tiny_cfg(photos, killed, **kw), resume=True)
+    for f in ("trainable", "optimizer", "ema"):
+        assert_same(load_file(straight / "ckpt-0000004" / f"{f}.safetensors"),
+                    load_file(killed / "ckpt-0000004" / f"{f}.safetensors"))
+    s1, s2 = (json.loads((r / "ckpt-0000004" / "state.json").read_text()) for r in (straight, killed))
+    assert s1 == s2 and s1["step"] == 4
+    assert_same(load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors"))
+
+
+def test_short_prior_run_on_real_photos_lowers_flow_loss(photos, tmp_path):
+    """20 steps on three real photos. The logged flow loss is noisy (random t per sample), so besides first-5 vs
+    last-5 it is compared with a run at lr 0, which sees exactly the same samples, times and noise."""
+    def run(name, lr):
+        recs = []
+        out = train(tiny_cfg(photos, tmp_path / name, steps=20, batch_size=4, crop=64, lr=lr, seed=0),
+                    callback=recs.append)
+        return out, [r["flow"] for r in recs if "flow" in r]
+
+    out, flow = run("run", 3e-3)
+    _, frozen = run("frozen", 0.0)
+    assert len(flow) == 20 and all(np.isfinite(flow))
+    assert flow[0] == pytest.approx(frozen[0], rel=1e-6)          # same first batch, same weights
+    assert np.mean(flow[-5:]) < 0.92 * np.mean(flow[:5])             # 0.85 here; about 1 untrained
+    assert np.mean(flow[-5:]) < 0.9 * np.mean(frozen[-5:])           # 0.79 here; exactly 1 untrained
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "export"
+    assert [ln["flow"] for ln in lines if "flow" in ln] == flow
+    assert (out / "model.safetensors").exists()
+
+
+def test_sad_stage_run_changes_only_condition_branch(photos, prior_dir, tmp_path):
+    """`train` for stage sad (every SAD term, LPIPS when available): the exported model keeps every frozen weight."""
+    try:
+        from teasr_cli.metrics import LPIPS  # noqa: F401
+        lpips = "alex"
+    except ImportError:
+        lpips = ""
+    recs = []
+    out = train(tiny_cfg(photos, tmp_path / "sad", stage="sad", init=str(prior_dir), steps=2, batch_size=2, lr=1e-2,
+                         lora_rank=4, lora_alpha=4, lpips=lpips), callback=recs.append)
+    log = [r for r in recs if "loss" in r][-1]
+    assert {"flow", "cons", "data", "adv", "rect"} <= log.keys() and np.isfinite(log["loss"])
+    prior, got = load_file(prior_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    lora_keys = {k for k in got if ".lora_" in k}
+    for k, v in prior.items():
+        k2 = k if k in got else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        if k.startswith(("c_embedder.", "t2_embedder.")):
+            assert not torch.equal(got[k2], v), k            # trained in full
+        else:
+            assert torch.equal(got[k2], v), k                # the noise branch / generative prior is untouched
+    assert any(got[k].abs().max() > 0 for k in lora_keys if "lora_up" in k)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+@pytest.fixture
+def keep_signal_handlers():
+    """`teasr train` installs SIGINT/SIGTERM handlers (graceful stop); give pytest its own back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_cli_train_resume_export_then_upscale(photos, tmp_path, keep_signal_handlers):
+    from teasr_cli.cli import app
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
+                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
+                      'batch_size = 1\n[stages.prior]\nlr = 1e-3\n')
+    run = tmp_path / "run"
+    runner = CliRunner()
+    base = ["train", "--out", str(run), "--threads", "1"]
+    r = runner.invoke(app, base + ["-c", str(recipe), "--data", str(photos), "--steps", "3", "--crop", "32"])
+    assert r.exit_code == 0, r.output
+    assert latest_checkpoint(run).name == "ckpt-0000003"
+    r = runner.invoke(app, base + ["--resume", "--steps", "5"])   # the saved config, 2 more steps
+    assert r.exit_code == 0, r.output
+    assert latest_checkpoint(run).name == "ckpt-0000005"
+    steps = [json.loads(ln).get("step") for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3, 3, 4, 5, 5]        # logs, exports (3 and 5), no step repeated
+    r = runner.invoke(app, ["train", "--export", str(run), "-o", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert_same(load_file(tmp_path / "m" / "model.safetensors"), load_file(run / "model" / "model.safetensors"))
+    Image.fromarray(skdata.chelsea()).resize((32, 24)).save(tmp_path / "cat.png")
+    r = runner.invoke(app, ["upscale", str(tmp_path / "cat.png"), "-o", str(tmp_path / "cat4.png"), "-m",
+                            str(tmp_path / "m"), "--device", "cpu", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "cat4.png").size == (128, 96)
+    r = runner.invoke(app, ["train", "--export", str(tmp_path), "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "no checkpoint" in r.output
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+def test_two_process_cpu_ddp_matches_one_process_batch_2(photos, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 1 each == 1 process, batch 2. Slow (~10-30 s): two interpreters."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
+                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nlr = 1e-3\n')
+    run = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "teasr_cli", "train", "-c", str(recipe), "--data", str(photos), "--out", str(run),
+           "--steps", "2", "--batch-size", "1", "--crop", "32", "--threads", "1"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [c.name for c in run.glob("ckpt-*")] == ["ckpt-0000002"]
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in recs].count("start") == 1    # one writer: rank 0
+    log = recs[-2]
+    assert log["step"] == 2 and log["samples_s"] == pytest.approx(2 * log["it_s"])   # 2 processes x batch 1
+    one = tmp_path / "one"
+    train(tiny_cfg(photos, one, steps=2, batch_size=2, lr=1e-3))
+    # rank r takes samples 2k + r: together the same samples as one process with batch 2, gradients averaged
+    assert_same(trainable_weights(run, 2), trainable_weights(one, 2), atol=1e-6)
+    assert (run / "model" / "model.safetensors").exists()
