@@ -27,6 +27,12 @@ class DiTConfig:
     num_heads: int = 4
     mlp_ratio: float = 4.0
     rope_theta: float = 100.0     # grids are small (tiles), a short base wavelength suits them
+    # What the final layer predicts. "v": the velocity itself (DESIGN default). "x0": a clean latent as a
+    # residual on the LQ latent, x0 = z_lq + out, returned as v = (z_t - x0) / max(t_cur, t_min). Needed when a
+    # patch holds more values than a token (16x16 RGB pixels = 768 > width): noise cannot pass through such a
+    # bottleneck, clean images can (JiT, "Back to Basics: Let Denoising Generative Models Denoise").
+    prediction: str = "v"
+    t_min: float = 0.05
     cond_lora_rank: int = 0       # > 0: exported condition-branch LoRA (plain modules, no peft needed)
     cond_lora_alpha: float = 0.0
 
@@ -201,6 +207,7 @@ class TeasrDiT(nn.Module):
         super().__init__()
         self.config = c = config
         assert c.hidden_size % c.num_heads == 0 and (c.hidden_size // c.num_heads) % 4 == 0, "head_dim must be a multiple of 4 (2-D RoPE)"
+        assert c.prediction in ("v", "x0"), f"prediction must be 'v' or 'x0', not {c.prediction!r}"
         patch_dim = c.latent_channels * c.patch_size ** 2
         self.x_embedder = nn.Linear(patch_dim, c.hidden_size)    # noise branch input
         self.c_embedder = nn.Linear(patch_dim, c.hidden_size)    # condition branch input (LQ latent)
@@ -267,8 +274,11 @@ class TeasrDiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, use_reentrant=False)
             else:
                 x = block(x, c_noise, c_cond, cos, sin, n)
-        v = self.unpatchify(self.final_layer(x[:, :n], c_noise), h, w)     # only noise tokens carry the velocity
-        return v[:, :, :H, :W]
+        out = self.unpatchify(self.final_layer(x[:, :n], c_noise), h, w)[:, :, :H, :W]   # only noise tokens carry it
+        if self.config.prediction == "x0":
+            t = self._times(t_cur, B, z_t.device).clamp(min=self.config.t_min).view(-1, 1, 1, 1)
+            return (z_t[:, :, :H, :W] - (z_lq[:, :, :H, :W] + out)) / t
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
