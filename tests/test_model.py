@@ -66,6 +66,20 @@ def test_fresh_model_is_adaln_zero_and_outputs_exactly_zero(make_model):
     assert model.x_embedder.weight.abs().sum() > 0 and model.c_embedder.weight.abs().sum() > 0
 
 
+def test_x0_prediction_starts_at_the_lq_latent_and_is_a_velocity(make_model):
+    """prediction="x0": a fresh model's one step from t=1 lands exactly on z_lq (the bicubic image), and
+    the output is a velocity: z_t - t v is the model's clean estimate, the same at every t_cur >= t_min."""
+    model = make_model(random=False, prediction="x0", patch_size=4)
+    z, zl = latents(H=7, W=5)
+    torch.testing.assert_close(z - run(model, z, 1.0, zl, 0.0), zl, atol=1e-6, rtol=0)
+    for t in (0.5, 0.05, 0.01):   # below t_min the division is clamped: no blow-up near the data end
+        v = run(model, z, t, zl, 0.0)
+        torch.testing.assert_close(z - max(t, model.config.t_min) * v, zl, atol=1e-5, rtol=0)
+    trained = make_model(random=True, prediction="x0", patch_size=4)
+    x0 = z - 0.7 * run(trained, z, 0.7, zl, 0.2)
+    assert not torch.allclose(x0, zl, atol=1e-3)     # the network's residual is added on top of z_lq
+
+
 def test_t2_embedder_starts_as_an_exact_copy_of_t_embedder(make_model):
     model = make_model(random=False)
     a, b = model.t_embedder.state_dict(), model.t2_embedder.state_dict()
