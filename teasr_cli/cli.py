@@ -234,10 +234,14 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     export: Optional[Path] = typer.Option(None, "--export", help="Export a run (or one ckpt-*) to a plain model folder given by -o."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where --export writes the model folder."),
+    half: bool = typer.Option(False, "--half", help="With --export: store the weights in fp16 (half the size; loaded as fp32)."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="With --export: the live weights instead of their EMA."),
 ):
     """Train with Self-Adversarial Distillation (stage sad) or train the generative prior (stage prior)."""
     import json
     import signal
+
+    import torch
 
     from teasr_cli import trainer
 
@@ -246,7 +250,8 @@ def train(
             if output is None:
                 fail("--export needs -o MODEL_DIR")
             with console.status("exporting..."):
-                folder = trainer.export_checkpoint(export, output)
+                folder = trainer.export_checkpoint(export, output, use_ema=not no_ema,
+                                                   dtype=torch.float16 if half else None)
             console.print(f"exported {folder}")
             return
         if out is None:

@@ -205,7 +205,8 @@ def build_qwen(cfg: TrainConfig):
     return model, {"backbone": "qwen-image", "scale": cfg.scale}
 
 
-def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None) -> Path:
+def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
     """A plain model folder for `teasr upscale`: EMA weights if any, the LoRA as plain condition-branch modules."""
     from teasr_cli.lora import export_lora
 
@@ -219,7 +220,7 @@ def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta:
     if any("lora_" in n for n, _ in model.named_parameters()):
         export_lora(model)
     cfg = {**mcfg, "model": model.config.to_dict(), **(meta or {})}
-    save_pretrained(model, cfg, folder)
+    save_pretrained(model, cfg, folder, dtype=dtype)
     return folder
 
 
@@ -238,7 +239,7 @@ def _export_qwen(model, folder: Path, ema: dict | None, meta: dict | None) -> Pa
     return folder
 
 
-def export_checkpoint(path: Path, out: Path, use_ema: bool = True) -> Path:
+def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None) -> Path:
     """`teasr train --export`: a run folder (its latest checkpoint) or one checkpoint -> a plain model folder."""
     path = Path(path)
     ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
@@ -253,7 +254,8 @@ def export_checkpoint(path: Path, out: Path, use_ema: bool = True) -> Path:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ema = {} if use_ema and cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema)
-    return export_model(model, mcfg, Path(out), ema or None, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}})
+    return export_model(model, mcfg, Path(out), ema or None, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}},
+                        dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- the loop
