@@ -49,7 +49,7 @@ def child(args):
 def load_model(spec):
     from teasr_cli.pipeline import Upscaler
 
-    if spec != "recipe":
+    if spec not in ("recipe", "buffers"):
         return Upscaler.from_pretrained(spec or None, device="cpu")
     # the shipped model's size with random weights: same speed, usable before weights exist
     import tomllib
@@ -60,7 +60,10 @@ def load_model(spec):
     from teasr_cli.model import DiTConfig, TeasrDiT
     recipe = tomllib.loads((HERE.parent / "train/tiny-cpu.toml").read_text())
     codec = build_codec(recipe["codec"])
-    model = TeasrDiT(DiTConfig.from_dict({"latent_channels": codec.latent_channels, **recipe["model"]}))
+    # "buffers": the same pipeline with a 1-block, 64-wide DiT: what is left of the peak is the image-sized
+    # buffers (latent, LQ latent, velocity, output), i.e. the memory that grows with the output size
+    small = {"hidden_size": 64, "depth": 1, "num_heads": 1} if spec == "buffers" else {}
+    model = TeasrDiT(DiTConfig.from_dict({"latent_channels": codec.latent_channels, **recipe["model"], **small}))
     torch.manual_seed(0)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
@@ -74,7 +77,7 @@ CASES_FULL = [  # (w, h, steps, tile): tile 0 = auto, -1 = untiled
     (1024, 1024, 1, 0), (1024, 1024, 4, 0),
     (2000, 1500, 1, 0),
 ]
-CASES_QUICK = [(128, 128, 1, 0), (256, 256, 1, 0), (256, 256, 1, -1), (512, 512, 1, 0)]
+CASES_QUICK = [(128, 128, 1, 0), (128, 128, 4, 0), (256, 256, 1, 0), (256, 256, 1, -1), (256, 256, 1, 32), (512, 512, 1, 0)]
 
 
 def main():
@@ -83,6 +86,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--photo", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="only the 2000x1500 peak-memory case, with the 'buffers' model")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--size", type=int, nargs=2)
     ap.add_argument("--steps", type=int, default=1)
@@ -97,9 +101,10 @@ def main():
         return child(args)
     if args.model is None:
         from teasr_cli.hub import EMBEDDED_DIR
-        args.model = "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
+        args.model = "buffers" if args.memory else "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
     rows = []
-    for w, h, steps, tile in (CASES_QUICK if args.quick else CASES_FULL):
+    cases = [(2000, 1500, 1, 0)] if args.memory else CASES_QUICK if args.quick else CASES_FULL
+    for w, h, steps, tile in cases:
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--threads", str(args.threads),
                "--photo", args.photo, "--size", str(w), str(h), "--steps", str(steps), "--tile", str(tile)]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,7 +118,8 @@ def main():
               f"{r['seconds']:8.2f} s  peak {r['peak_rss_mb']:7.0f} MB", flush=True)
     out = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "model": args.model,
            "rows": rows}
-    (HERE / "upscale_speed.json").write_text(json.dumps(out, indent=2) + "\n")
+    name = "upscale_memory.json" if args.memory else "upscale_speed.json"
+    (HERE / name).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
