@@ -21,8 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import TeasrError
+from .imageio import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 SCALE = 4
 SHOW = 5   # offenders listed in an error message; the rest are counted
 

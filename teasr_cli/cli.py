@@ -17,7 +17,6 @@ from teasr_cli.errors import ImageWriteError, TeasrError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="teasr: x4 photo upscaling with an any-step diffusion transformer (TEASR).")
 console = Console(stderr=True)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 
 
 def fail(msg: str, code: int = 2):
@@ -124,6 +123,8 @@ def upscale(
 
 
 def _collect(folder: Path, pattern: str, recursive: bool, outdir: Path) -> list[Path]:
+    from teasr_cli.imageio import IMAGE_SUFFIXES
+
     files = folder.rglob(pattern) if recursive else folder.glob(pattern)
     out = outdir.resolve()
     return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES

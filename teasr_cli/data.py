@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from teasr_cli.errors import TeasrError
+from teasr_cli.imageio import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"}
 
 
 def list_images(source: str) -> list[Path]:

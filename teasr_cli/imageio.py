@@ -31,6 +31,7 @@ DEFAULT_MAX_PIXELS = 100_000_000  # input decompression-bomb limit, overridable
 
 SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP",
                   ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+IMAGE_SUFFIXES = tuple(SUFFIX_FORMATS)   # what folder-walking commands (batch, eval, train) pick up
 ORIENTATION = 0x0112
 # TIFF tags that describe the file layout of the source, not the photo: they must
 # not travel as EXIF into another file.
