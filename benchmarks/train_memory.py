@@ -394,7 +394,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=("idle", *CASES), help=argparse.SUPPRESS)    # internal: one case, JSON out
     ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--all", action="store_true", help="the recorded runs (about an hour on 2 busy cores) -> --out")
+    ap.add_argument("--all", action="store_true", help="the recorded runs (about 15 min on 2 idle cores) -> --out")
     ap.add_argument("--quick", action="store_true", help="tiny config (seconds): checks the script runs")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--crop", type=int, default=256)
