@@ -1,7 +1,6 @@
 """Upscaler: image -> bicubic x4 -> encode -> any-step sampling (tiled) -> decode -> colour fix -> image."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -197,4 +196,3 @@ class Upscaler:
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))

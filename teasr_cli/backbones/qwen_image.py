@@ -77,7 +77,7 @@ class CondRouter(nn.Module):
     """A Linear whose input holds [noise ; cond] halves along `dim`; a LoRA on it reaches the cond half only.
 
     peft replaces `self.linear` by a LoRA layer exposing the frozen original as `.base_layer` (as does
-    teasr's merged TwinLinear): the noise half goes through `base_layer`, the condition half through the
+    teasr's exported CondLoRALinear): the noise half goes through `base_layer`, the condition half through the
     adapted layer, so the noise branch computes exactly the frozen prior. A wrapper rather than a forward
     hook, because a hook could only subtract the delta back out of the noise tokens after computing it.
     The split is stateless (both halves always have the same size: the two token sets share one grid,
