@@ -7,9 +7,10 @@
 Cases, all on the same native backbone (random prior weights; the numbers do not depend on what they are):
   lora-flow  condition-branch LoRA, flow matching only (stage sad with every lambda but flow = 0)
   sad        condition-branch LoRA, every SAD + TAR term (LPIPS in the data term when teasr_cli.metrics has it),
-             as the trainer runs it: one backward of the summed loss, so the four graphs with gradient coexist
-  sad-per-term  the same gradient with one backward per graph (flow; consistency; data + rect, which share the
-             one-step graph; adv), so only one graph is alive at a time: what a memory-lean trainer could do
+             as the trainer runs it: one backward per graph (flow; consistency; data + rect, which share the
+             one-step graph; adv), so only one graph is alive at a time
+  sad-one-backward  the same gradient from one backward of the summed loss, so the four graphs coexist
+             (how the trainer ran before; kept to show what the per-graph backward saves)
   osediff    3-model distillation: LoRA student (one-step output, MSE + LPIPS + a VSD/DMD-style term whose
              gradient comes from a frozen teacher copy and a trainable full-weight fake-score copy at a re-noised
              point), then the fake-score copy's own flow-matching loss and its AdamW step
@@ -32,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CASES = ("lora-flow", "sad", "sad-per-term", "osediff")
+CASES = ("lora-flow", "sad", "sad-one-backward", "osediff")
 
 
 @dataclass
@@ -103,8 +104,10 @@ def _draws(shape, cfg_sad, batch: int, step: int):
     return {k: torch.stack([d[k] for d in ds]) for k in ds[0]}
 
 
-def sad_step_fn(cfg: BenchConfig, flow_only: bool):
-    """(a) and (b): one model, the trainer's loss function, AdamW on the LoRA (+ condition embedders)."""
+def sad_step_fn(cfg: BenchConfig, flow_only: bool, one_backward: bool = False):
+    """(a) and (b): one model, the trainer's loss function, AdamW on the LoRA (+ condition embedders).
+    As the trainer runs it, each graph is back-propagated as soon as it exists; `one_backward` instead
+    keeps all four graphs for a single backward of the summed loss (the same gradient)."""
     import torch
 
     from teasr_cli.sad import SADConfig, sad_losses
@@ -119,47 +122,13 @@ def sad_step_fn(cfg: BenchConfig, flow_only: bool):
 
     def step(i):
         draws = _draws(z0.shape[1:], sad_cfg, cfg.batch, i)
-        out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips)
-        out["loss"].backward()
+        out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
+                         backward=None if one_backward else torch.Tensor.backward)
+        if one_backward:
+            out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {k: float(v) for k, v in out.items()}
-
-    return step, model, lpips
-
-
-def sad_per_term_step_fn(cfg: BenchConfig):
-    """The gradient of `sad_losses` (the same terms and weights), backpropagated one graph at a time."""
-    import torch
-
-    from teasr_cli.sad import (SADConfig, adv_loss, consistency_loss, data_loss, flow_loss, interpolate,
-                               one_step_fake, rect_loss)
-
-    prior, codec, x0, z0, z_lq = _setup(cfg)
-    model = _student(prior, cfg)
-    c = SADConfig()
-    lpips = _lpips(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=5e-5, betas=(0.9, 0.99), weight_decay=0.0)
-
-    def step(i):
-        d = _draws(z0.shape[1:], c, cfg.batch, i)
-        out = {"flow": flow_loss(model, z0, z_lq, d["eps"], d["t"])}
-        out["flow"].backward()
-        out["cons"] = consistency_loss(model, interpolate(z0, d["eps"], d["t"]), d["t"], z_lq, d["s_cons"])
-        (c.lambda_cons * out["cons"]).backward()
-        f, z_fake = one_step_fake(model, d["eps_one"], z_lq)
-        out["data"] = data_loss(codec.decode(z_fake), x0, lpips, c.lambda_lpips)
-        out["rect"] = rect_loss(model, f, z_fake, z_lq, d["s_rect"], d["eps_rect"], c)
-        (c.lambda_data * out["data"] + c.lambda_rect * out["rect"]).backward()
-        out["adv"] = adv_loss(model, z_fake.detach(), z_lq, d["t_adv"], d["eps_adv"])   # the one-step graph is gone
-        (c.lambda_adv * out["adv"]).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out["loss"] = out["flow"] + c.lambda_cons * out["cons"] + c.lambda_data * out["data"] + \
-            c.lambda_adv * out["adv"] + c.lambda_rect * out["rect"]
         return {k: float(v) for k, v in out.items()}
 
     return step, model, lpips
@@ -299,8 +268,8 @@ def run_case(case: str, cfg: BenchConfig) -> dict:
     if case != "idle":
         if case == "osediff":
             step, *mods = osediff_step_fn(cfg)
-        elif case == "sad-per-term":
-            step, *mods = sad_per_term_step_fn(cfg)
+        elif case == "sad-one-backward":
+            step, *mods = sad_step_fn(cfg, flow_only=False, one_backward=True)
         else:
             step, *mods = sad_step_fn(cfg, flow_only=case == "lora-flow")
         lp = mods.pop(1)
@@ -353,7 +322,7 @@ def benchmark(cfg: BenchConfig, default_malloc: bool = False, cases=CASES, progr
     ratios = {}
     for key in ("peak_mib", "tensor_peak_mib"):
         if {"sad", "lora-flow", "osediff"} <= by.keys():
-            for sad in ("sad", "sad-per-term"):
+            for sad in ("sad", "sad-one-backward"):
                 if sad in by:
                     ratios[f"{sad}/lora-flow ({key})"] = by[sad][key] / by["lora-flow"][key]
                     ratios[f"{sad}/osediff ({key})"] = by[sad][key] / by["osediff"][key]

@@ -6,6 +6,7 @@ are drawn by the caller (so a step is reproducible per sample, whatever the batc
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -105,28 +106,54 @@ def rect_loss(model, f, z_fake, z_lq, s, eps_r, cfg: SADConfig):
     return F.mse_loss(f, target)
 
 
-def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=None, lpips=None) -> dict:
+def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=None, lpips=None,
+               backward=None, no_sync=nullcontext) -> dict:
     """Every loss term of one SAD step; returns {name: scalar}, with the weighted sum under "loss".
 
     draws: eps, t, s_cons, eps_one, t_adv, eps_adv, s_rect, eps_rect (per-sample noise and times).
+    With `backward(loss)`, each graph is back-propagated as soon as its terms exist and then freed
+    (flow; cons; data + rect, which share the one-step graph; adv): the same gradient as one backward
+    of the sum, at the peak memory of one graph instead of four. Every graph but the last is built and
+    back-propagated under `no_sync()`, so DDP reduces the summed gradient once. Returned values are
+    then detached.
     """
     eps, t = draws["eps"], draws["t"]
-    out = {"flow": flow_loss(model, z0, z_lq, eps, t)}
-    loss = out["flow"]
-    if cfg.lambda_cons > 0:
-        out["cons"] = consistency_loss(model, interpolate(z0, eps, t), t, z_lq, draws["s_cons"])
-        loss = loss + cfg.lambda_cons * out["cons"]
-    if max(cfg.lambda_data, cfg.lambda_adv, cfg.lambda_rect) > 0:
+    one_step = max(cfg.lambda_data, cfg.lambda_rect) > 0
+    fake = {}
+
+    def flow():
+        return {"flow": (1.0, flow_loss(model, z0, z_lq, eps, t))}
+
+    def cons():
+        return {"cons": (cfg.lambda_cons, consistency_loss(model, interpolate(z0, eps, t), t, z_lq, draws["s_cons"]))}
+
+    def data_rect():
         f, z_fake = one_step_fake(model, draws["eps_one"], z_lq)
+        fake["z"] = z_fake.detach()
+        terms = {}
         if cfg.lambda_data > 0:
-            out["data"] = data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips)
-            loss = loss + cfg.lambda_data * out["data"]
-        if cfg.lambda_adv > 0:
-            out["adv"] = adv_loss(model, z_fake, z_lq, draws["t_adv"], draws["eps_adv"])
-            loss = loss + cfg.lambda_adv * out["adv"]
+            terms["data"] = (cfg.lambda_data, data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips))
         if cfg.lambda_rect > 0:
-            out["rect"] = rect_loss(model, f, z_fake, z_lq, draws["s_rect"], draws["eps_rect"], cfg)
-            loss = loss + cfg.lambda_rect * out["rect"]
+            terms["rect"] = (cfg.lambda_rect, rect_loss(model, f, z_fake, z_lq, draws["s_rect"], draws["eps_rect"], cfg))
+        return terms
+
+    def adv():
+        if "z" not in fake:                      # no data/rect term: the one-step output is only a target
+            with torch.no_grad():
+                fake["z"] = one_step_fake(model, draws["eps_one"], z_lq)[1]
+        return {"adv": (cfg.lambda_adv, adv_loss(model, fake["z"], z_lq, draws["t_adv"], draws["eps_adv"]))}
+
+    groups = [flow] + [cons] * (cfg.lambda_cons > 0) + [data_rect] * one_step + [adv] * (cfg.lambda_adv > 0)
+    out, loss = {}, 0.0
+    for i, group in enumerate(groups):
+        with no_sync() if backward is not None and i < len(groups) - 1 else nullcontext():
+            terms = group()
+            weighted = sum(w * v for w, v in terms.values())
+            if backward is not None:
+                backward(weighted)
+                weighted, terms = weighted.detach(), {k: (w, v.detach()) for k, (w, v) in terms.items()}
+        out.update({k: v for k, (_, v) in terms.items()})
+        loss = loss + weighted
     out["loss"] = loss
     return out
 

@@ -344,8 +344,10 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
                 x0 = hq * 2 - 1
                 up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
                 z0, z_lq = codec.encode(x0), codec.encode(up)
-                losses = sad_losses(dmodel, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips)
-                acc.backward(losses["loss"])   # accelerate divides by grad_accum: accumulated = mean over the big batch
+                # one backward per graph (peak memory of one graph); accelerate divides each by grad_accum,
+                # so the accumulated gradient is the mean over the big batch
+                losses = sad_losses(dmodel, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
+                                    backward=acc.backward, no_sync=lambda: acc.no_sync(dmodel))
                 if acc.sync_gradients and cfg.grad_clip > 0:
                     acc.clip_grad_norm_(trainable, cfg.grad_clip)
                 opt.step()

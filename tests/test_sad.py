@@ -192,10 +192,10 @@ def test_sample_t_uniform_and_logit_normal():
         sample_t(u, SADConfig(t_sampler="beta"))
 
 
-def _draws(seed=0):
+def _draws(seed=0, shape=SHAPE[1:]):
     return {k: torch.stack([v0, v1]) for (k, v0), v1 in zip(
-        draw_sample(SHAPE[1:], SADConfig(), torch.Generator().manual_seed(seed)).items(),
-        draw_sample(SHAPE[1:], SADConfig(), torch.Generator().manual_seed(seed + 1)).values())}
+        draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed)).items(),
+        draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed + 1)).values())}
 
 
 def test_sad_losses_flow_only_equals_flow_loss():
@@ -240,6 +240,45 @@ def test_sad_losses_backward_on_real_dit():
     grads = [p.grad for p in model.parameters()]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
     assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_per_graph_backward_equals_one_backward_of_the_sum():
+    """backward= gives the gradient of out["loss"], graph by graph; all but the last under no_sync (DDP)."""
+    from contextlib import contextmanager
+
+    torch.manual_seed(0)
+    model = TeasrDiT(DiTConfig(hidden_size=32, depth=1, num_heads=2)).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    z0, zl = torch.randn(2, 48, 4, 4, generator=g), torch.randn(2, 48, 4, 4, generator=g)
+    d = _draws(5, (48, 4, 4))
+    cfg = SADConfig(lambda_cons=0.5, lambda_data=2.0, lambda_adv=0.25, lambda_rect=3.0)
+    kw = dict(decode=lambda z: torch.pixel_shuffle(z, 4), x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1))
+    whole = sad_losses(model, z0, zl, d, cfg, **kw)
+    whole["loss"].backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    calls, synced = [], []
+
+    @contextmanager
+    def no_sync():
+        synced.append(False)
+        yield
+
+    def backward(loss):
+        assert loss.requires_grad
+        calls.append(len(synced))
+        loss.backward()
+
+    split = sad_losses(model, z0, zl, d, cfg, backward=backward, no_sync=no_sync, **kw)
+    assert calls == [1, 2, 3, 3]                  # 4 graphs; the last one is built and reduced outside no_sync
+    assert not any(v.requires_grad for v in split.values())
+    for k in whole:
+        assert split[k].item() == pytest.approx(whole[k].item(), rel=1e-6), k
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-5)
 
 
 def test_draw_sample_reproducible_per_generator_seed():

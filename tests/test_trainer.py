@@ -399,16 +399,20 @@ def test_cli_train_resume_export_then_upscale(photos, tmp_path, keep_signal_hand
 
 # ----------------------------------------------------------------------------- multi-process
 
-def test_two_process_cpu_ddp_matches_one_process_batch_2(photos, tmp_path):
-    """torchrun, 2 CPU processes (gloo), batch 1 each == 1 process, batch 2. Slow (~10-30 s): two interpreters."""
+@pytest.mark.parametrize("stage", ["prior", "sad"])
+def test_two_process_cpu_ddp_matches_one_process_batch_2(photos, prior_dir, tmp_path, stage):
+    """torchrun, 2 CPU processes (gloo), batch 1 each == 1 process, batch 2. Slow (~10-30 s): two interpreters.
+    Stage sad back-propagates four graphs per step, three under no_sync: DDP must still average the sum."""
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
-                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nlr = 1e-3\n')
+                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nlr = 1e-3\n'
+                      'lora_rank = 4\nlora_alpha = 4\n')
     run = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    init = ["--init", str(prior_dir)] if stage == "sad" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "teasr_cli", "train", "-c", str(recipe), "--data", str(photos), "--out", str(run),
-           "--steps", "2", "--batch-size", "1", "--crop", "32", "--threads", "1"]
+           "--stage", stage, *init, "--steps", "2", "--batch-size", "1", "--crop", "32", "--threads", "1"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert [c.name for c in run.glob("ckpt-*")] == ["ckpt-0000002"]
@@ -417,7 +421,8 @@ def test_two_process_cpu_ddp_matches_one_process_batch_2(photos, tmp_path):
     log = recs[-2]
     assert log["step"] == 2 and log["samples_s"] == pytest.approx(2 * log["it_s"])   # 2 processes x batch 1
     one = tmp_path / "one"
-    train(tiny_cfg(photos, one, steps=2, batch_size=2, lr=1e-3))
+    train(tiny_cfg(photos, one, steps=2, batch_size=2, lr=1e-3, stage=stage, init=str(prior_dir) if init else None,
+                   lora_rank=4, lora_alpha=4))
     # rank r takes samples 2k + r: together the same samples as one process with batch 2, gradients averaged
     assert_same(trainable_weights(run, 2), trainable_weights(one, 2), atol=1e-6)
     assert (run / "model" / "model.safetensors").exists()
