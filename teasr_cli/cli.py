@@ -219,7 +219,7 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="HQ images: a folder (recursive), a .txt list, or a Hub dataset id."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, samples/, model/."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Recipe TOML (see train/)."),
-    stage: Optional[str] = typer.Option(None, "--stage", help="prior (flow matching, all weights) or sad (SAD + TAR, LoRA)."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="prior (flow matching, all weights), sad (SAD + TAR, LoRA) or regress (the one-pass MSE + LPIPS baseline)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="native (default) or qwen-image (needs a GPU; stage sad)."),
     base: Optional[str] = typer.Option(None, "--base", help="qwen-image base: Hub repo org/name[@revision] (or 'tiny' for a smoke run)."),
     init: Optional[str] = typer.Option(None, "--init", help="Model folder to start from (the prior, for --stage sad)."),

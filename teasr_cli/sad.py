@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 @dataclass
 class SADConfig:
+    lambda_flow: float = 1.0      # conditional flow matching (0 only for the regression baseline)
     lambda_cons: float = 1.0      # shortcut self-consistency
     lambda_data: float = 1.0      # pixel fidelity anchor (MSE + lambda_lpips * LPIPS)
     lambda_lpips: float = 1.0
@@ -122,7 +123,7 @@ def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=Non
     fake = {}
 
     def flow():
-        return {"flow": (1.0, flow_loss(model, z0, z_lq, eps, t))}
+        return {"flow": (cfg.lambda_flow, flow_loss(model, z0, z_lq, eps, t))}
 
     def cons():
         return {"cons": (cfg.lambda_cons, consistency_loss(model, interpolate(z0, eps, t), t, z_lq, draws["s_cons"]))}
@@ -143,7 +144,7 @@ def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=Non
                 fake["z"] = one_step_fake(model, draws["eps_one"], z_lq)[1]
         return {"adv": (cfg.lambda_adv, adv_loss(model, fake["z"], z_lq, draws["t_adv"], draws["eps_adv"]))}
 
-    groups = [flow] + [cons] * (cfg.lambda_cons > 0) + [data_rect] * one_step + [adv] * (cfg.lambda_adv > 0)
+    groups = [flow] * (cfg.lambda_flow > 0) + [cons] * (cfg.lambda_cons > 0) + [data_rect] * one_step + [adv] * (cfg.lambda_adv > 0)
     out, loss = {}, 0.0
     for i, group in enumerate(groups):
         with no_sync() if backward is not None and i < len(groups) - 1 else nullcontext():

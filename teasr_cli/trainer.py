@@ -1,5 +1,5 @@
-"""Training loop: stage `prior` (conditional flow matching, all weights) and stage `sad` (SAD + TAR, LoRA on the
-condition branch), with accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
+"""Training loop: stage `prior` (conditional flow matching, all weights), stage `sad` (SAD + TAR, LoRA on the
+condition branch) and stage `regress` (the plain one-pass regression baseline: MSE + LPIPS, all weights), with accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
 from __future__ import annotations
 
 import copy
@@ -25,7 +25,7 @@ from teasr_cli.sad import SADConfig, draw_sample, sad_losses
 class TrainConfig:
     data: str = ""
     out: str = "runs/teasr"
-    stage: str = "prior"                 # "prior" | "sad"
+    stage: str = "prior"                 # "prior" | "sad" | "regress"
     backbone: str = "native"             # "native" | "qwen-image" (base from `base`; only stage sad)
     base: str = "Qwen/Qwen-Image-2512"   # qwen-image: Hub repo "org/name[@revision]", or "tiny" (tests, CPU smoke runs)
     init: str | None = None              # model folder to start from (required for sad: the prior)
@@ -78,8 +78,8 @@ class TrainConfig:
         if "betas" in raw:
             raw["betas"] = tuple(raw["betas"])
         cfg = cls(**raw, sad=SADConfig(**sad))
-        if cfg.stage not in ("prior", "sad"):
-            raise TeasrError(f"--stage must be prior or sad, not {cfg.stage!r}")
+        if cfg.stage not in ("prior", "sad", "regress"):
+            raise TeasrError(f"--stage must be prior, sad or regress, not {cfg.stage!r}")
         if cfg.backbone not in ("native", "qwen-image"):
             raise TeasrError(f"--backbone must be native or qwen-image, not {cfg.backbone!r}")
         if cfg.backbone == "qwen-image" and cfg.stage != "sad":
@@ -284,9 +284,13 @@ def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape
 
 
 def stage_sad_config(cfg: TrainConfig) -> SADConfig:
-    """The prior stage is plain conditional flow matching: every other term off."""
+    """The prior stage is plain conditional flow matching, the regress stage only the pixel anchor (MSE + LPIPS
+    on the one-pass output): every other term off."""
+    off = {"lambda_cons": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0}
     if cfg.stage == "prior":
-        return SADConfig(**{**asdict(cfg.sad), "lambda_cons": 0.0, "lambda_data": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0})
+        return SADConfig(**{**asdict(cfg.sad), **off, "lambda_data": 0.0})
+    if cfg.stage == "regress":
+        return SADConfig(**{**asdict(cfg.sad), **off, "lambda_flow": 0.0, "lambda_data": 1.0})
     return cfg.sad
 
 
@@ -316,7 +320,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     codec = (getattr(model, "codec", None) or build_codec(mcfg["codec"])).to(acc.device)
     sad_cfg = stage_sad_config(cfg)
     lpips = None
-    if cfg.stage == "sad" and cfg.lpips and sad_cfg.lambda_data > 0 and sad_cfg.lambda_lpips > 0:
+    if cfg.stage != "prior" and cfg.lpips and sad_cfg.lambda_data > 0 and sad_cfg.lambda_lpips > 0:
         from teasr_cli.metrics import LPIPS
         lpips = LPIPS(net=cfg.lpips).to(acc.device).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -115,7 +115,7 @@ def test_config_recipe_stage_tables_and_overrides(tmp_path):
     ("[sad]\nlambda_gan = 1\n", {}, "sad.lambda_gan"),
     ("[stages.prior]\nstep = 5\n", {}, "step"),
     ("", {"stage": "sad"}, "--init"),
-    ("", {"stage": "distil"}, "prior or sad"),
+    ("", {"stage": "distil"}, "prior, sad or regress"),
     ("crop = 100\n", {}, "multiple of 32"),
     ("lr = \n", {}, "cannot read recipe"),
 ])
@@ -127,11 +127,13 @@ def test_config_errors_are_one_line_teasr_errors(tmp_path, text, kw, words):
     assert words in str(e.value) and "\n" not in str(e.value).strip()
 
 
-def test_shipped_recipe_loads_for_both_stages():
+def test_shipped_recipe_loads_for_every_stage():
     recipe = ROOT / "train" / "tiny-cpu.toml"
     prior = TrainConfig.load(str(recipe), stage="prior", data="d")
     sad = TrainConfig.load(str(recipe), stage="sad", init="m", data="d")
+    regress = TrainConfig.load(str(recipe), stage="regress", data="d")
     assert prior.ema > 0 and sad.ema == 0 and sad.lora_rank == 32 and prior.steps != sad.steps
+    assert regress.lpips == "alex" and regress.model == prior.model and regress.crop == prior.crop
 
 
 # ----------------------------------------------------------------------------- condition-branch LoRA
@@ -352,6 +354,21 @@ def test_sad_stage_run_changes_only_condition_branch(photos, prior_dir, tmp_path
         else:
             assert torch.equal(got[k2], v), k                # the noise branch / generative prior is untouched
     assert any(got[k].abs().max() > 0 for k in lora_keys if "lora_up" in k)
+
+
+def test_regress_stage_trains_every_weight_on_the_pixel_anchor_only(photos, tmp_path):
+    """The regression baseline: the same network, one pass from t=1, MSE (+ LPIPS) only; all weights train."""
+    recs = []
+    out = train(tiny_cfg(photos, tmp_path / "reg", stage="regress", steps=2, batch_size=2, lr=1e-2),
+                callback=recs.append)
+    log = [r for r in recs if "loss" in r][-1]
+    assert {k for k in log if k in ("flow", "cons", "data", "adv", "rect")} == {"data"}
+    assert log["loss"] == pytest.approx(log["data"])
+    init = TeasrDiT(DiTConfig.from_dict({"latent_channels": 48, **TINY})).state_dict()
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == init.keys()
+    zero_init = [k for k in init if k.endswith(".weight") and not init[k].any()]   # adaLN-Zero and the final layer
+    assert len(zero_init) >= 3 and all(got[k].any() for k in zero_init)
 
 
 # ----------------------------------------------------------------------------- CLI
