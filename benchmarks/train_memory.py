@@ -364,6 +364,8 @@ def main(argv=None):
     ap.add_argument("--case", choices=("idle", *CASES), help=argparse.SUPPRESS)    # internal: one case, JSON out
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--all", action="store_true", help="the recorded runs (about 15 min on 2 idle cores) -> --out")
+    ap.add_argument("--only", default="", help="with --all: the recorded runs whose label starts with one of "
+                    "these comma-separated prefixes (e.g. 'A:,C:'); others are kept from the existing --out")
     ap.add_argument("--quick", action="store_true", help="tiny config (seconds): checks the script runs")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--crop", type=int, default=256)
@@ -375,12 +377,15 @@ def main(argv=None):
         print(json.dumps(run_case(args.case, BenchConfig(**json.loads(args.config)))))
         return
     if args.all:
-        runs = {}
+        out = args.out or Path(__file__).with_name("train_memory.json")
+        only = tuple(p for p in args.only.split(",") if p)
+        runs = json.loads(out.read_text())["runs"] if only and out.exists() else {}
         for label, (cfg, default_malloc) in RECORDED.items():
+            if only and not label.startswith(only):
+                continue
             cfg.threads = args.threads
             runs[label] = benchmark(cfg, default_malloc, progress=lambda r: print(json.dumps(r), file=sys.stderr))
             print(report(label, runs[label]), flush=True)
-        out = args.out or Path(__file__).with_name("train_memory.json")
         out.write_text(json.dumps({"torch": __import__("torch").__version__, "runs": runs}, indent=2) + "\n")
         return
     cfg = BenchConfig(crop=args.crop, gradient_checkpointing=args.gradient_checkpointing, threads=args.threads)

@@ -5,6 +5,7 @@ loading. Inputs are crops/resizes of a real photo. Prints a table and records be
 
     python benchmarks/upscale_speed.py                 # embedded model (or the tiny-cpu recipe size, random weights)
     python benchmarks/upscale_speed.py --quick         # fewer cases
+    python benchmarks/upscale_speed.py --vs-realesrgan # 512x512 -> 2048x2048, teasr 1 step vs Real-ESRGAN x4plus
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,11 +31,20 @@ def child(args):
     from teasr_cli.pipeline import UpscaleSettings
 
     torch.set_num_threads(args.threads)
-    up = load_model(args.model)
     photo = Image.open(args.photo).convert("RGB")
     w, h = args.size
     img = photo.resize((w, h), Image.LANCZOS)
     lq = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    if args.model == "realesrgan":   # the reference GAN upscaler on the CPU (ncnn), timed the same way
+        from teasr_cli.evaluation import realesrgan_x4plus
+        net = realesrgan_x4plus()
+        net(lq[..., :32, :32])
+        t0 = time.perf_counter()
+        net(lq)
+        print(json.dumps({"seconds": time.perf_counter() - t0,
+                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+    up = load_model(args.model)
     up.upscale_tensor(lq[..., :32, :32], UpscaleSettings(steps=1))          # warm-up (allocator, kernels)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tile = args.tile if args.tile > 0 else None
@@ -88,6 +99,7 @@ def main():
     ap.add_argument("--photo", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", action="store_true", help="only the 2000x1500 peak-memory case, with the 'buffers' model")
+    ap.add_argument("--vs-realesrgan", action="store_true", help="512x512, teasr 1 step vs Real-ESRGAN, 3 rounds")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--size", type=int, nargs=2)
     ap.add_argument("--steps", type=int, default=1)
@@ -105,21 +117,31 @@ def main():
         args.model = "buffers" if args.memory else "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
     rows = []
     cases = [(2000, 1500, 1, 0)] if args.memory else CASES_QUICK if args.quick else CASES_FULL
-    for w, h, steps, tile in cases:
-        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--threads", str(args.threads),
+    models = [args.model] * len(cases)
+    if args.vs_realesrgan:   # alternate the two, so a noisy machine slows both alike; compare medians
+        cases, models = [(512, 512, 1, 0)] * 6, [args.model, "realesrgan"] * 3
+    for (w, h, steps, tile), model in zip(cases, models):
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--threads", str(args.threads),
                "--photo", args.photo, "--size", str(w), str(h), "--steps", str(steps), "--tile", str(tile)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {w}x{h} failed")
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append({"input": f"{w}x{h}", "output": f"{4 * w}x{4 * h}", "steps": steps,
+        rows.append({"model": model, "input": f"{w}x{h}", "output": f"{4 * w}x{4 * h}", "steps": steps,
                      "tiling": {0: "auto", -1: "untiled"}.get(tile, f"tile {tile}"), **r})
-        print(f"{rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  {rows[-1]['tiling']:>8}  "
+        print(f"{model:>10} {rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  {rows[-1]['tiling']:>8}  "
               f"{r['seconds']:8.2f} s  peak {r['peak_rss_mb']:7.0f} MB", flush=True)
     out = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "model": args.model,
            "rows": rows}
-    name = "upscale_memory.json" if args.memory else "upscale_speed.json"
+    if args.vs_realesrgan:
+        med = {m: statistics.median(r["seconds"] for r in rows if r["model"] == m) for m in dict.fromkeys(models)}
+        out["median_seconds"] = med
+        out["realesrgan_over_teasr"] = med["realesrgan"] / med[args.model]
+        print(f"median: teasr 1 step {med[args.model]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
+              f"teasr is {out['realesrgan_over_teasr']:.2f}x as fast")
+    name = "upscale_memory.json" if args.memory else "upscale_vs_realesrgan.json" if args.vs_realesrgan else \
+        "upscale_speed.json"
     (HERE / name).write_text(json.dumps(out, indent=2) + "\n")
 
 
