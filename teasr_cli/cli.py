@@ -35,6 +35,7 @@ SeedOpt = typer.Option(0, "--seed", help="Noise seed: same seed, same output.")
 TileOpt = typer.Option(None, "--tile", min=1, help="Tile size in latent pixels (default: auto from image size and memory).")
 OverlapOpt = typer.Option(None, "--tile-overlap", min=0, help="Tile overlap in latent pixels (default: a quarter of the tile).")
 ColorOpt = typer.Option("wavelet", "--color-fix", help="Colour correction toward the input: wavelet, adain or none.")
+GridShiftOpt = typer.Option(True, "--grid-shift/--no-grid-shift", help="With several steps, move the patch grid by half a patch on every other step (hides patch seams).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32; bf16 for qwen-image), fp32, bf16 or fp16 (half precision needs a GPU to pay off).")
 OffloadOpt = typer.Option("none", "--offload", help="Big models: none, model (one of DiT/VAE on the GPU at a time) or sequential (layer by layer, least memory).")
@@ -60,10 +61,11 @@ def _dist() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def _settings(steps, seed, tile, tile_overlap, color_fix):
+def _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift=True):
     from teasr_cli.pipeline import UpscaleSettings
 
-    return UpscaleSettings(steps=steps, seed=seed, tile=tile, tile_overlap=tile_overlap, color_fix=color_fix)
+    return UpscaleSettings(steps=steps, seed=seed, tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
+                           grid_shift=grid_shift)
 
 
 def _suffix_for(fmt: Optional[str], default: str) -> str:
@@ -93,8 +95,8 @@ def upscale(
     input: Path = typer.Argument(..., help="Image to upscale (JPEG, PNG, WebP, TIFF, BMP)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: INPUT_x4 with the input's suffix)."),
     model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
-    tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
-    threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
+    tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, grid_shift: bool = GridShiftOpt,
+    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
     overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt, offload: str = OffloadOpt,
 ):
     """Upscale one image x4."""
@@ -115,7 +117,7 @@ def upscale(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task(f"upscaling {input.name}", total=steps)
-            _upscale_file(up, input, dst, _settings(steps, seed, tile, tile_overlap, color_fix), format, quality,
+            _upscale_file(up, input, dst, _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift), format, quality,
                           max_pixels, callback=lambda i, n, z: bar.update(task, completed=i))
     except TeasrError as e:
         fail(str(e))
@@ -141,8 +143,8 @@ def batch(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders; the folder tree is kept in the output."),
     glob: str = typer.Option("*", "--glob", "-g", help="Only files matching this pattern, e.g. '*.jpg'."),
     model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
-    tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, device: str = DeviceOpt, dtype: str = DtypeOpt,
-    threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
+    tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, grid_shift: bool = GridShiftOpt,
+    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
     overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt, offload: str = OffloadOpt,
 ):
     """Upscale every image in a folder x4; resumes where an interrupted run stopped.
@@ -179,7 +181,7 @@ def batch(
         up = _load(model, device, dtype, threads, offload) if todo else None
     except TeasrError as e:
         fail(str(e))
-    settings = _settings(steps, seed, tile, tile_overlap, color_fix)
+    settings = _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift)
     failed: list[tuple[Path, str]] = []
     t0 = time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -348,7 +350,8 @@ def eval_(
     save_images: bool = typer.Option(False, "--save-images", help="Also save every SR image under OUT/images/."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (quick checks)."),
     tile: Optional[int] = TileOpt, tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt,
-    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, offload: str = OffloadOpt,
+    grid_shift: bool = GridShiftOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt,
+    offload: str = OffloadOpt,
 ):
     """Benchmark the model against ground truth: PSNR, SSIM, LPIPS, DISTS, NIQE, FID per step count."""
     from teasr_cli import benchsets
@@ -371,7 +374,7 @@ def eval_(
     except TeasrError as e:
         fail(str(e))
     out = out or Path("eval_results") / label
-    settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix}
+    settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix, "grid_shift": grid_shift}
     methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, _settings(s, **settings)), s,
                          {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
                for s in step_list] + baseline_methods

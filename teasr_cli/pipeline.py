@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -87,6 +88,7 @@ class UpscaleSettings:
     tile_overlap: int | None = None  # latent pixels; None = tile // 4
     tile_batch: int = 1
     color_fix: str = "wavelet"
+    grid_shift: bool = True         # move the patch grid by half a patch on every other step (steps > 1)
 
 
 class Upscaler:
@@ -135,8 +137,15 @@ class Upscaler:
         up.config, up.folder = config, folder
         return up
 
-    def _velocity(self, z, t_cur, z_lq, t_tar):
-        return self.model(z.to(self.dtype), t_cur, z_lq.to(self.dtype), t_tar).float()
+    def _velocity(self, z, t_cur, z_lq, t_tar, steps: int = 1):
+        """One (tile's) model call. With large patches each token's pixels come out of one linear map, so the
+        patch grid shows; on odd steps (of a multi-step run) the grid is moved by half a patch, by padding the
+        tile on its top/left, so the grid lines of successive steps do not add up."""
+        shift = self.patch // 2 if steps > 1 and round((1 - float(t_cur)) * steps) % 2 else 0
+        if shift:
+            z, z_lq = (F.pad(x, (shift, 0, shift, 0), mode="replicate") for x in (z, z_lq))
+        v = self.model(z.to(self.dtype), t_cur, z_lq.to(self.dtype), t_tar).float()
+        return v[..., shift:, shift:]
 
     @torch.no_grad()
     def upscale_tensor(self, lq: torch.Tensor, settings: UpscaleSettings | None = None,
@@ -161,7 +170,8 @@ class Upscaler:
         overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
         if tile < 2 * self.patch:
             raise TeasrError(f"--tile {tile} is too small; use at least {2 * self.patch} (latent pixels)")
-        velocity = TiledVelocity(self._velocity, tile, min(overlap, tile - 1), s.tile_batch)
+        velocity = TiledVelocity(partial(self._velocity, steps=s.steps if s.grid_shift else 1), tile,
+                                 min(overlap, tile - 1), s.tile_batch)
         # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
         noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         try:

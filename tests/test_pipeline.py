@@ -82,8 +82,28 @@ def reference(model, lq, steps, seed):
 
 @pytest.mark.parametrize("tile", [None, 37, 500])
 def test_one_tile_at_least_the_image_equals_the_untiled_pipeline(upscaler, lq, tile):
-    out = upscaler.upscale_tensor(lq, UpscaleSettings(steps=3, seed=1, tile=tile))
+    out = upscaler.upscale_tensor(lq, UpscaleSettings(steps=3, seed=1, tile=tile, grid_shift=False))
     torch.testing.assert_close(out, reference(upscaler.model, lq, 3, 1), atol=1e-6, rtol=0)
+
+
+def test_grid_shift_moves_the_patch_grid_on_odd_steps_only(upscaler, lq):
+    """Step i of N sees the latent padded by half a patch on top/left when i is odd (output cropped back);
+    one step is never shifted, and a tile as big as the image still equals the untiled pipeline."""
+    p = upscaler.model.config.patch_size
+    assert p == 2
+
+    def shifted(z, t_cur, z_lq, t_tar):
+        if round((1 - t_cur) * 4) % 2 == 0:
+            return upscaler.model(z, t_cur, z_lq, t_tar)
+        pad = [F.pad(x, (1, 0, 1, 0), mode="replicate") for x in (z, z_lq)]
+        return upscaler.model(pad[0], t_cur, pad[1], t_tar)[..., 1:, 1:]
+
+    out = upscaler.upscale_tensor(lq, UpscaleSettings(steps=4, seed=1, tile=500))
+    torch.testing.assert_close(out, reference(shifted, lq, 4, 1), atol=1e-6, rtol=0)
+    plain = upscaler.upscale_tensor(lq, UpscaleSettings(steps=4, seed=1, grid_shift=False))
+    assert (out - plain).abs().max() > 1e-3
+    one = [upscaler.upscale_tensor(lq, UpscaleSettings(steps=1, seed=1, grid_shift=g)) for g in (True, False)]
+    assert torch.equal(*one)
 
 
 def test_real_tiles_stay_close_to_the_untiled_result(upscaler, lq):

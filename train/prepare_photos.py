@@ -22,7 +22,7 @@ from PIL import Image
 
 DEBS = ["lomiri-wallpapers-16.04", "mate-backgrounds", "opencv-doc"]
 OPENCV_PHOTOS = ["baboon.jpg", "leuvenA.jpg", "leuvenB.jpg", "aloeL.jpg", "board.jpg", "graf1.png", "graf3.png",
-                 "rubberwhale1.png", "ela_original.jpg", "fruits.jpg", "building.jpg", "home.jpg", "lena.jpg",
+                 "rubberwhale1.png", "ela_original.jpg", "fruits.jpg", "building.jpg", "home.jpg",
                  "pic1.png", "pic2.png", "pic3.png", "pic4.png", "pic5.png", "pic6.png", "stuff.jpg", "orange.jpg",
                  "apple.jpg", "HappyFish.jpg", "butterfly.jpg", "messi5.jpg", "Blender_Suzanne1.jpg"]
 SKIMAGE = ["astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "grass", "gravel", "brick"]
