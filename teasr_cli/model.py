@@ -305,6 +305,9 @@ def save_pretrained(model: nn.Module, config: dict, folder, dtype: torch.dtype |
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
     save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder / "model.safetensors.tmp", 0o666 & ~umask)   # safetensors writes 0600; a model is for sharing
     (folder / "config.json.tmp").write_text(json.dumps(config, indent=2) + "\n")
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
     os.replace(folder / "config.json.tmp", folder / "config.json")

@@ -253,6 +253,8 @@ def test_save_load_round_trip_is_bitwise(make_model, tmp_path):
     z, zl = latents(H=7, W=5)
     assert torch.equal(run(loaded, z, 0.5, zl, 0.0), run(model, z, 0.5, zl, 0.0))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    # readable like any new file (safetensors alone would write 0600)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == (tmp_path / "m" / "config.json").stat().st_mode & 0o777
 
 
 def test_fp16_weights_load_into_an_fp32_model(make_model, tmp_path):
