@@ -33,6 +33,12 @@ class DiTConfig:
     # bottleneck, clean images can (JiT, "Back to Basics: Let Denoising Generative Models Denoise").
     prediction: str = "v"
     t_min: float = 0.05
+    # A small residual CNN after the unpatchify (0 = none). With 4x4 patches on an f=4 latent one token
+    # is 16x16 pixels, emitted by one linear map: the token grid shows. 3x3 convs at latent resolution see
+    # across token borders and the LQ latent at full resolution; zero-initialised, so adding it to a trained
+    # prior changes nothing until it is trained.
+    head_channels: int = 0
+    head_depth: int = 2
     cond_lora_rank: int = 0       # > 0: exported condition-branch LoRA (plain modules, no peft needed)
     cond_lora_alpha: float = 0.0
 
@@ -200,6 +206,31 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+class ConvHead(nn.Module):
+    """out + CNN([out, z_t, z_lq]), its features modulated by the noise-branch time (FiLM)."""
+
+    def __init__(self, channels: int, width: int, depth: int, cond_dim: int):
+        super().__init__()
+        conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1, padding_mode="replicate")   # noqa: E731 (replicate: tile borders)
+        self.inp = conv(3 * channels, width)
+        self.mid = nn.ModuleList(conv(width, width) for _ in range(depth))
+        self.film = nn.Linear(cond_dim, 2 * width)
+        self.out = conv(width, channels)
+
+    def zero_init(self):
+        for m in (self.film, self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, out, z_t, z_lq, c):
+        h = self.inp(torch.cat([out, z_t, z_lq], dim=1))
+        shift, scale = self.film(F.silu(c))[:, :, None, None].chunk(2, dim=1)
+        h = h * (1 + scale) + shift
+        for conv in self.mid:
+            h = h + conv(F.gelu(h))
+        return out + self.out(F.gelu(h))
+
+
 class TeasrDiT(nn.Module):
     """v = model(z_t, t_cur, z_lq, t_tar): velocity (eps - z0) for latents of any size."""
 
@@ -215,6 +246,7 @@ class TeasrDiT(nn.Module):
         self.t2_embedder = TimestepEmbedder(c.hidden_size)       # t_tar -> condition-token modulation
         self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
         self.final_layer = FinalLayer(c.hidden_size, patch_dim)
+        self.head = ConvHead(c.latent_channels, c.head_channels, c.head_depth, c.hidden_size) if c.head_channels else None
         self.gradient_checkpointing = False
         self.initialize_weights()
         if c.cond_lora_rank > 0:
@@ -237,6 +269,8 @@ class TeasrDiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.head is not None:
+            self.head.zero_init()
 
     def patchify(self, z):
         p = self.config.patch_size
@@ -274,7 +308,10 @@ class TeasrDiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, use_reentrant=False)
             else:
                 x = block(x, c_noise, c_cond, cos, sin, n)
-        out = self.unpatchify(self.final_layer(x[:, :n], c_noise), h, w)[:, :, :H, :W]   # only noise tokens carry it
+        out = self.unpatchify(self.final_layer(x[:, :n], c_noise), h, w)   # only noise tokens carry it
+        if self.head is not None:
+            out = self.head(out, z_t, z_lq, c_noise)
+        out = out[:, :, :H, :W]
         if self.config.prediction == "x0":
             t = self._times(t_cur, B, z_t.device).clamp(min=self.config.t_min).view(-1, 1, 1, 1)
             return (z_t[:, :, :H, :W] - (z_lq[:, :, :H, :W] + out)) / t

@@ -66,16 +66,16 @@ def adain_color_fix_(out, ref, eps: float = 1e-5):
 def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> int:
     """Largest square latent tile whose token count stays within a budget that fits the memory here.
 
-    Attention grows with tokens squared, so the budget (tokens per branch) is what bounds the peak. Tiles
-    overlap by a quarter, so small tiles recompute a lot: on a CPU a 64x64-token tile (a 256x256 input in
-    one piece with the tiny-cpu model) measured ~4x faster than 32x32 tiles for only ~100 MB more memory
-    (benchmarks/upscale_speed.json, 256x256 rows).
+    Attention grows with tokens squared, so the budget (tokens per branch) is what bounds the peak. On a CPU
+    attention also dominates the time: measured on an idle 2-core machine with the tiny-cpu model, a 512x512
+    input takes 25 s in 64x64-token tiles, 7.3 s in 32x32 and 6.2 s in 16x16 (despite the recomputed quarter
+    overlap), so the CPU budget is 16x16 tokens, which is still more context than the 12x12-token training crops.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         tokens = 4096 if free > 16 * 2**30 else 2048
     else:
-        tokens = 4096
+        tokens = 256
     side = int(tokens ** 0.5) * patch
     return max(min(side, max(latent_hw)), 2 * patch)   # a latent smaller than 2 patches still gets a valid (single) tile
 

@@ -27,6 +27,7 @@ class SADConfig:
     tar: bool = True              # Time-Aware Rectification weight w(s) = (1-s)^2/s; False = constant 1 (ablation)
     tar_s_min: float = 0.02       # clamp s >= s_min before w(s): w blows up as s -> 0
     tar_w_max: float = 10.0       # and bound w(s) <= w_max (both bounds apply)
+    rect_norm: bool = False       # DMD's normaliser: dv as a data-space gap relative to the distance to the real estimate
 
 
 def _b(t, z):
@@ -97,10 +98,19 @@ def rect_loss(model, f, z_fake, z_lq, s, eps_r, cfg: SADConfig):
 
     Its gradient, 2 w(s) dv / numel, moves z_fake = eps - F along +dv: toward the real trajectory's
     data estimate and away from the fake one's.
+
+    With `rect_norm`, dv becomes s dv / mean|z_fake - x0_real| per sample (DMD): s dv = x0_real - x0_fake is
+    the gap of the two data estimates, and the mean distance makes it scale-free. Raw dv grows as 1/s for a
+    model that predicts x0 (v = (z_s - x0) / s), which made small s dominate and the term diverge.
     """
     with torch.no_grad():
         z_s = interpolate(z_fake.detach(), eps_r, s)
-        dv = model(z_s, s, z_lq, -s) - model(z_s, s, z_lq, s)
+        v_real = model(z_s, s, z_lq, s)
+        dv = model(z_s, s, z_lq, -s) - v_real
+        if cfg.rect_norm:
+            x0_real = z_s - _b(s, z_s) * v_real
+            gap = (z_fake.detach() - x0_real).abs().mean(dim=tuple(range(1, dv.ndim)), keepdim=True)
+            dv = _b(s, dv) * dv / gap.clamp_min(1e-6)
         if cfg.tar:
             dv = _b(tar_weight(s, cfg.tar_s_min, cfg.tar_w_max), dv) * dv
         target = f.detach() - dv

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from teasr_cli.degrade import PRESETS
 from teasr_cli.errors import TeasrError
 from teasr_cli.model import DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
 from teasr_cli.sad import SADConfig, draw_sample, sad_losses
@@ -46,7 +47,7 @@ class TrainConfig:
     mixed_precision: str = "no"          # "no" | "bf16" | "fp16" (GPU)
     gradient_checkpointing: bool = False
     crop: int = 256                      # HQ crop side (pixels)
-    degradation: str = "realesrgan"      # "realesrgan" | "mild" | "bicubic"
+    degradation: str | dict = "realesrgan"   # "realesrgan" | "mild" | "bicubic", or a {name: weight} mixture
     small_images: str = "skip"           # "skip" | "pad"
     seed: int = 0
     log_every: int = 10
@@ -86,6 +87,9 @@ class TrainConfig:
             raise TeasrError("qwen-image is already a generative prior: train it with --stage sad")
         if cfg.stage == "sad" and not cfg.init and cfg.backbone == "native":
             raise TeasrError("--stage sad needs --init MODEL_DIR (the prior to distil)")
+        if not valid_degradation(cfg.degradation):
+            raise TeasrError(f"degradation must be one of {', '.join(DEGRADATIONS)} or a mixture {{name: weight}} "
+                             f"of them with non-negative weights, not {cfg.degradation!r}")
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
         return cfg
@@ -171,6 +175,7 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
         return build_qwen(cfg)
     if cfg.init:
         model, mcfg = load_pretrained(cfg.init)
+        model, mcfg = grow_model(model, mcfg, cfg)
     else:
         codec = build_codec(cfg.codec)
         dit = DiTConfig.from_dict({"latent_channels": codec.latent_channels, **cfg.model})
@@ -183,6 +188,22 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     model.train()   # load_pretrained gives eval(); gradient checkpointing only runs in training mode
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, mcfg
+
+
+GROWABLE = ("head_channels", "head_depth")   # parts a trained model can gain: they start as the identity
+
+
+def grow_model(model, mcfg: dict, cfg: TrainConfig):
+    """--init with a prior/regress recipe whose `model` adds a conv head: the new model keeps every trained weight.
+    Any other model setting comes from --init, as before (its weights fix the shapes)."""
+    changed = {k: cfg.model[k] for k in GROWABLE if k in cfg.model and mcfg["model"].get(k) != cfg.model[k]}
+    if not changed or cfg.stage == "sad":
+        return model, mcfg
+    grown = TeasrDiT(DiTConfig.from_dict({**mcfg["model"], **changed}))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise TeasrError(f"cannot grow {cfg.init}: {len(missing)} missing, {len(unexpected)} unexpected weights")
+    return grown, {**mcfg, "model": grown.config.to_dict()}
 
 
 def build_qwen(cfg: TrainConfig):
@@ -274,13 +295,35 @@ def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
         x = images.crop_at(sample_index(cfg.seed, k, len(images)), g)
         hq.append(x)
-        if cfg.degradation == "bicubic":
+        kind = pick_degradation(cfg.degradation, g)
+        if kind == "bicubic":
             lq.append(bicubic_lq(x[None], cfg.scale)[0])
         else:
-            lq.append(degrade(x[None], get_preset(cfg.degradation), g)[0])
+            lq.append(degrade(x[None], get_preset(kind), g)[0])
         draws.append(draw_sample(latent_shape, cfg.sad, g))
     stacked = {k: torch.stack([d[k] for d in draws]).to(device) for k in draws[0]}
     return torch.stack(hq).to(device), torch.stack(lq).to(device), stacked
+
+
+DEGRADATIONS = (*PRESETS, "bicubic")
+
+
+def valid_degradation(d) -> bool:
+    mix = {d: 1.0} if isinstance(d, str) else d
+    try:
+        return (isinstance(mix, dict) and all(k in DEGRADATIONS for k in mix)
+                and all(float(v) >= 0 for v in mix.values()) and sum(map(float, mix.values())) > 0)
+    except (TypeError, ValueError):
+        return False
+
+
+def pick_degradation(degradation: str | dict, g: torch.Generator) -> str:
+    """A preset name, or one drawn from a {name: weight} mixture (seen clean photos must stay clean)."""
+    if isinstance(degradation, str):
+        return degradation
+    names = list(degradation)
+    w = torch.tensor([float(degradation[k]) for k in names])
+    return names[int(torch.multinomial(w / w.sum(), 1, generator=g))]
 
 
 def stage_sad_config(cfg: TrainConfig) -> SADConfig:

@@ -80,6 +80,31 @@ def test_x0_prediction_starts_at_the_lq_latent_and_is_a_velocity(make_model):
     assert not torch.allclose(x0, zl, atol=1e-3)     # the network's residual is added on top of z_lq
 
 
+@pytest.mark.parametrize("H,W", [(7, 5), (8, 8)])
+def test_conv_head_starts_as_the_identity_and_reads_z_t_and_the_lq_latent(make_model, H, W):
+    """A zero-initialised head adds nothing (a trained prior can gain one); once trained it changes the output,
+    also through z_lq at full latent resolution, and odd sizes keep their shape."""
+    plain = make_model(seed=3, prediction="x0", patch_size=4)
+    headed = tm.TeasrDiT(tm.DiTConfig(**{**plain.config.to_dict(), "head_channels": 8})).eval()
+    missing, unexpected = headed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("head.") for k in missing)
+    z, zl = latents(H=H, W=W)
+    assert torch.equal(run(headed, z, 0.6, zl, 0.1), run(plain, z, 0.6, zl, 0.1))
+    with torch.no_grad():
+        for p in headed.head.parameters():
+            p.normal_(0, 0.1)
+    v = run(headed, z, 0.6, zl, 0.1)
+    assert v.shape == z.shape and not torch.allclose(v, run(plain, z, 0.6, zl, 0.1))
+    # the head reads z_lq at full latent resolution: a one-pixel change reaches only its receptive field
+    out, c = torch.randn_like(z), torch.randn(z.shape[0], headed.config.hidden_size)
+    zl2 = zl.clone()
+    zl2[:, :, 0, 0] += 1.0
+    with torch.no_grad():
+        diff = (headed.head(out, z, zl2, c) - headed.head(out, z, zl, c)).abs().sum((0, 1))
+    r = headed.config.head_depth + 2     # 3x3 convs: inp, mid..., out
+    assert diff[0, 0] > 0 and diff[r + 1:, :].sum() == 0 and diff[:, r + 1:].sum() == 0
+
+
 def test_t2_embedder_starts_as_an_exact_copy_of_t_embedder(make_model):
     model = make_model(random=False)
     a, b = model.t_embedder.state_dict(), model.t2_embedder.state_dict()
@@ -255,6 +280,14 @@ def test_save_load_round_trip_is_bitwise(make_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
     # readable like any new file (safetensors alone would write 0600)
     assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == (tmp_path / "m" / "config.json").stat().st_mode & 0o777
+
+
+def test_save_load_round_trip_with_a_conv_head(make_model, tmp_path):
+    model = make_model(seed=5, head_channels=8, head_depth=1)
+    loaded, config = load_pretrained(_save(model, tmp_path / "m"))
+    assert config["model"]["head_channels"] == 8 and any(k.startswith("head.") for k in loaded.state_dict())
+    z, zl = latents(H=5, W=6)
+    assert torch.equal(run(loaded, z, 0.5, zl, 0.0), run(model, z, 0.5, zl, 0.0))
 
 
 def test_fp16_weights_load_into_an_fp32_model(make_model, tmp_path):

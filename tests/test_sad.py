@@ -148,6 +148,22 @@ def test_rect_loss_gradient_is_2_w_dv_over_numel(tar):
     assert m.d.grad is None or m.d.grad == 0    # the two velocity evaluations are under no_grad
 
 
+def test_rect_norm_is_the_data_estimate_gap_over_the_mean_distance():
+    _, zl, eps, eps_r = tensors(7)
+    s = torch.tensor([0.25, 0.5])
+    m = Linear()
+    f = one_step_fake(m, eps, zl)[0].detach().requires_grad_(True)
+    z_fake = eps - f.detach()
+    cfg = SADConfig(tar=False, rect_norm=True)
+    rect_loss(m, f, z_fake, zl, s, eps_r, cfg).backward()
+    with torch.no_grad():
+        b = s.view(-1, 1, 1, 1)
+        zs = b * eps_r + (1 - b) * z_fake
+        x0_real, x0_fake = zs - b * m(zs, s, zl, s), zs - b * m(zs, s, zl, -s)
+        dv = (x0_real - x0_fake) / (z_fake - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(f.grad, 2 * dv / f.numel())
+
+
 def test_rect_loss_step_moves_z_fake_from_fake_toward_real_data_estimate():
     """Gradient descent on F moves z_fake = eps - F along x0_real - x0_fake (data estimates at z_s)."""
     _, zl, eps, eps_r = tensors(6)

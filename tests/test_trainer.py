@@ -272,6 +272,39 @@ def test_batches_are_deterministic_per_sample_and_sized(photos, degradation):
     assert not torch.equal(other[0], hq)                         # another seed, other crops
 
 
+def test_degradation_mixture_draws_each_kind_per_sample_reproducibly(photos):
+    from teasr_cli.data import HQImages, list_images
+    from teasr_cli.degrade import bicubic_lq
+    from teasr_cli.trainer import pick_degradation
+
+    mix = {"bicubic": 1.0, "realesrgan": 1.0}
+    g = lambda k: torch.Generator().manual_seed(k)   # noqa: E731
+    kinds = [pick_degradation(mix, g(k)) for k in range(40)]
+    assert set(kinds) == set(mix) and kinds == [pick_degradation(mix, g(k)) for k in range(40)]
+    assert pick_degradation({"mild": 0.0, "bicubic": 2.0}, g(0)) == "bicubic"
+    cfg = tiny_cfg(photos, "unused", degradation=mix, crop=64)
+    hq, lq, _ = make_batch(HQImages(list_images(cfg.data), cfg.crop), cfg, 0, 8, (48, 16, 16), "cpu")
+    clean = [torch.equal(lq[i], bicubic_lq(hq[i:i + 1], 4)[0]) for i in range(8)]
+    assert any(clean) and not all(clean)          # some samples plain bicubic, others degraded
+    for bad in ({"bicubic": -1.0}, {"jpeg": 1.0}, {}, "heavy", {"mild": "x"}):
+        with pytest.raises(TeasrError, match="degradation"):
+            tiny_cfg(photos, "unused", degradation=bad)
+
+
+def test_a_prior_can_grow_a_conv_head(photos, prior_dir, tmp_path):
+    """--init with a recipe that adds a conv head keeps every trained weight (same outputs at first);
+    a SAD stage keeps the prior's architecture (its LoRA is all that trains)."""
+    cfg = tiny_cfg(photos, tmp_path / "g", init=str(prior_dir), model={**TINY, "depth": 3, "head_channels": 8})
+    grown, mcfg = build_model(cfg)
+    prior, pcfg = load_pretrained(prior_dir)
+    assert mcfg["model"] == {**pcfg["model"], "head_channels": 8} and grown.head is not None
+    z, zl = torch.randn(1, 48, 6, 6), torch.randn(1, 48, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(grown.eval()(z, 0.5, zl, 0.5), prior(z, 0.5, zl, 0.5))
+    sad, _ = build_model(tiny_cfg(photos, tmp_path / "s", init=str(prior_dir), stage="sad", model=cfg.model))
+    assert sad.head is None
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def test_grad_accumulation_matches_bigger_batch(photos, tmp_path):
