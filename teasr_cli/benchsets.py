@@ -111,9 +111,9 @@ def synth_lq(hq: torch.Tensor, how: str, seed: int, index: int, scale: int = SCA
 
 
 def check_degrade(name: str) -> str:
-    from .degrade import PRESETS
+    from .degrade import LR_KINDS, PRESETS
 
-    if name != "bicubic" and name not in PRESETS:
+    if name not in LR_KINDS:
         raise DatasetError(f"unknown --degrade {name!r}; use bicubic or one of: {', '.join(PRESETS)}")
     return name
 

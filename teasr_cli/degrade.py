@@ -117,6 +117,7 @@ _MILD = DegradeConfig(
     final_sinc_prob=0.5)
 
 PRESETS: dict[str, DegradeConfig] = {"realesrgan": DegradeConfig(), "mild": _MILD}
+LR_KINDS = (*PRESETS, "bicubic")   # how an LR image can be made: a preset, or plain bicubic downscaling
 
 
 def get_preset(name: str) -> DegradeConfig:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from teasr_cli.degrade import PRESETS
+from teasr_cli.degrade import LR_KINDS
 from teasr_cli.errors import TeasrError
 from teasr_cli.model import DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
 from teasr_cli.sad import SADConfig, draw_sample, sad_losses
@@ -88,7 +88,7 @@ class TrainConfig:
         if cfg.stage == "sad" and not cfg.init and cfg.backbone == "native":
             raise TeasrError("--stage sad needs --init MODEL_DIR (the prior to distil)")
         if not valid_degradation(cfg.degradation):
-            raise TeasrError(f"degradation must be one of {', '.join(DEGRADATIONS)} or a mixture {{name: weight}} "
+            raise TeasrError(f"degradation must be one of {', '.join(LR_KINDS)} or a mixture {{name: weight}} "
                              f"of them with non-negative weights, not {cfg.degradation!r}")
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
@@ -305,13 +305,10 @@ def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape
     return torch.stack(hq).to(device), torch.stack(lq).to(device), stacked
 
 
-DEGRADATIONS = (*PRESETS, "bicubic")
-
-
 def valid_degradation(d) -> bool:
     mix = {d: 1.0} if isinstance(d, str) else d
     try:
-        return (isinstance(mix, dict) and all(k in DEGRADATIONS for k in mix)
+        return (isinstance(mix, dict) and all(k in LR_KINDS for k in mix)
                 and all(float(v) >= 0 for v in mix.values()) and sum(map(float, mix.values())) > 0)
     except (TypeError, ValueError):
         return False
