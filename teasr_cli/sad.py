@@ -19,6 +19,9 @@ class SADConfig:
     lambda_cons: float = 1.0      # shortcut self-consistency
     lambda_data: float = 1.0      # pixel fidelity anchor (MSE + lambda_lpips * LPIPS)
     lambda_lpips: float = 1.0
+    # > 1: LPIPS on both images cropped at a random offset in [0, lpips_jitter) px per sample (as E-LPIPS does).
+    # AlexNet's first layer has stride 4, like the f=4 codec grid: an aligned LPIPS rewards a fixed 4-px pattern.
+    lpips_jitter: int = 0
     lambda_adv: float = 1.0       # fake-trajectory flow matching
     lambda_rect: float = 1.0      # rectification (the DMD-like signal)
     t_sampler: str = "logit-normal"   # p(t) for flow matching: "uniform" | "logit-normal"
@@ -72,11 +75,16 @@ def one_step_fake(model, eps, z_lq):
     return f, eps - f
 
 
-def data_loss(x_fake, x0, lpips=None, lambda_lpips: float = 1.0):
-    """Pixel fidelity anchor: MSE(x_fake, x0) + lambda_lpips * LPIPS(x_fake, x0); images in [-1, 1]."""
+def data_loss(x_fake, x0, lpips=None, lambda_lpips: float = 1.0, shift=None, jitter: int = 1):
+    """Pixel fidelity anchor: MSE(x_fake, x0) + lambda_lpips * LPIPS(x_fake, x0); images in [-1, 1].
+    `shift` (B, 2): per-sample offsets in [0, jitter) at which both images are cropped for LPIPS."""
     loss = F.mse_loss(x_fake, x0)
     if lpips is not None and lambda_lpips > 0:
-        loss = loss + lambda_lpips * lpips((x_fake.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2).mean()
+        a, b = (x_fake.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2
+        if shift is not None:
+            h, w = a.shape[-2] - jitter + 1, a.shape[-1] - jitter + 1
+            a, b = (torch.stack([x[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(shift.tolist())]) for x in (a, b))
+        loss = loss + lambda_lpips * lpips(a, b).mean()
     return loss
 
 
@@ -143,7 +151,8 @@ def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=Non
         fake["z"] = z_fake.detach()
         terms = {}
         if cfg.lambda_data > 0:
-            terms["data"] = (cfg.lambda_data, data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips))
+            shift = draws["lpips_shift"] if cfg.lpips_jitter > 1 else None
+            terms["data"] = (cfg.lambda_data, data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips, shift, cfg.lpips_jitter))
         if cfg.lambda_rect > 0:
             terms["rect"] = (cfg.lambda_rect, rect_loss(model, f, z_fake, z_lq, draws["s_rect"], draws["eps_rect"], cfg))
         return terms
@@ -180,4 +189,5 @@ def draw_sample(shape, cfg: SADConfig, generator: torch.Generator) -> dict:
     d["eps_adv"] = torch.randn(shape, generator=generator)
     d["s_rect"] = u().clamp(1e-3, 1)                             # s ~ U(0, 1)
     d["eps_rect"] = torch.randn(shape, generator=generator)
+    d["lpips_shift"] = torch.randint(0, max(cfg.lpips_jitter, 1), (2,), generator=generator)   # last: the rest stays as before
     return d

@@ -43,6 +43,7 @@ class TrainConfig:
     warmup: int = 0
     lora_rank: int = 128
     lora_alpha: float = 128.0
+    train_head: bool = False             # sad: the conv head trains too (the LoRA alone cannot mend its token grid)
     ema: float = 0.0                     # EMA decay of trainable weights (0 = off)
     mixed_precision: str = "no"          # "no" | "bf16" | "fp16" (GPU)
     gradient_checkpointing: bool = False
@@ -183,6 +184,10 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     if cfg.stage == "sad":
         from teasr_cli.lora import add_lora
         add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.train_head:
+            if getattr(model, "head", None) is None:
+                raise TeasrError(f"train_head needs a model with a conv head; {cfg.init} has none")
+            model.head.requires_grad_(True)
     else:
         model.requires_grad_(True)
     model.train()   # load_pretrained gives eval(); gradient checkpointing only runs in training mode

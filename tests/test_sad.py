@@ -114,6 +114,28 @@ def test_data_loss_mse_plus_weighted_lpips_on_01_images():
     assert not seen                                                           # lambda 0: LPIPS not even run
 
 
+def test_data_loss_jitter_crops_both_images_at_each_samples_offset():
+    """E-LPIPS-style jitter: LPIPS sees both images cropped at the same per-sample offset; MSE sees them whole."""
+    g = torch.Generator().manual_seed(4)
+    x0, x_fake = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    seen = []
+    stub = lambda x, y: seen.append((x, y)) or (x - y).abs().mean((1, 2, 3))   # noqa: E731
+    shift = torch.tensor([[0, 3], [2, 1]])
+    got = data_loss(x_fake, x0, stub, 1.0, shift, jitter=4)
+    x, y = seen[0]
+    assert x.shape == y.shape == (2, 3, 5, 5)
+    for i, (dy, dx) in enumerate(shift.tolist()):
+        torch.testing.assert_close(y[i], (x0[i, :, dy:dy + 5, dx:dx + 5] + 1) / 2)
+        torch.testing.assert_close(x[i], (x_fake[i, :, dy:dy + 5, dx:dx + 5] + 1) / 2)
+    assert got.item() == pytest.approx(mse(x_fake, x0) + (x - y).abs().mean().item(), rel=1e-6)
+    # a pattern of period 4 is one image to an unjittered stride-4 probe and four images to a jittered one
+    stripes = -torch.ones(1, 3, 8, 8)                  # images in [-1, 1]: black with white columns 0 and 4
+    stripes[..., ::4] = 1.0
+    probe = lambda x, y: x[..., ::4].mean((1, 2, 3))   # noqa: E731  (a stride-4 sampler, like AlexNet's first conv)
+    seen_offsets = {round(data_loss(stripes, stripes, probe, 1.0, torch.tensor([[0, k]]), jitter=4).item(), 3) for k in range(4)}
+    assert seen_offsets == {0.0, 1.0}
+
+
 def test_adv_loss_negative_target_time_and_stop_gradient_on_z_fake():
     _, zl, zf, eps_f = tensors(4)
     t = torch.tensor([0.3, 0.7])
@@ -302,7 +324,10 @@ def test_draw_sample_reproducible_per_generator_seed():
     a = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     b = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     c = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(12))
-    assert set(a) == {"eps", "t", "s_cons", "eps_one", "t_adv", "eps_adv", "s_rect", "eps_rect"}
+    assert set(a) == {"eps", "t", "s_cons", "eps_one", "t_adv", "eps_adv", "s_rect", "eps_rect", "lpips_shift"}
+    assert a["lpips_shift"].tolist() == [0, 0]                  # no jitter configured
+    j = draw_sample(shape, SADConfig(lpips_jitter=4), torch.Generator().manual_seed(11))
+    assert all(torch.equal(a[k], j[k]) for k in a if k != "lpips_shift")   # jitter adds a draw, changes none
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["eps"], c["eps"]) and a["t"] != c["t"]
     for k in ("eps", "eps_one", "eps_adv", "eps_rect"):

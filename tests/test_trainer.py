@@ -389,6 +389,24 @@ def test_sad_stage_run_changes_only_condition_branch(photos, prior_dir, tmp_path
     assert any(got[k].abs().max() > 0 for k in lora_keys if "lora_up" in k)
 
 
+def test_sad_stage_can_train_the_conv_head_too(photos, prior_dir, tmp_path):
+    """train_head: the head moves with the LoRA, every other noise-branch weight stays the prior's; a model
+    without a head is a one-line error."""
+    grown, mcfg = build_model(tiny_cfg(photos, tmp_path / "g", init=str(prior_dir), model={**TINY, "head_channels": 8}))
+    with torch.no_grad():   # a trained head is not the identity: give its zero-initialised output conv weights
+        grown.head.out.weight.normal_(0, 0.05)
+    export_model(grown, mcfg, tmp_path / "headed")
+    out = train(tiny_cfg(photos, tmp_path / "sad", stage="sad", init=str(tmp_path / "headed"), steps=2, batch_size=2,
+                         lr=1e-2, lora_rank=4, lora_alpha=4, train_head=True))
+    prior, got = load_file(tmp_path / "headed" / "model.safetensors"), load_file(out / "model.safetensors")
+    for k, v in prior.items():
+        k2 = k if k in got else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        trained = k.startswith(("c_embedder.", "t2_embedder.", "head."))
+        assert torch.equal(got[k2], v) != trained, k
+    with pytest.raises(TeasrError, match="conv head"):
+        build_model(tiny_cfg(photos, tmp_path / "x", stage="sad", init=str(prior_dir), train_head=True))
+
+
 def test_regress_stage_trains_every_weight_on_the_pixel_anchor_only(photos, tmp_path):
     """The regression baseline: the same network, one pass from t=1, MSE (+ LPIPS) only; all weights train."""
     recs = []
