@@ -372,6 +372,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema) if ckpt else 0
+    for group in opt.param_groups:   # the recipe's rate, not the one saved with the optimizer state
+        group["lr"] = group["initial_lr"] = cfg.lr
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0,
                                               last_epoch=step - 1 if step else -1)
     dmodel, opt = acc.prepare(model, opt)

@@ -345,6 +345,15 @@ def test_resume_after_kill_equals_uninterrupted_run(photos, tmp_path):
     assert_same(load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors"))
 
 
+def test_resume_with_a_new_learning_rate_uses_it(photos, tmp_path):
+    """A recipe's lr wins over the one saved with the optimizer state (lowering the rate of a run that diverges)."""
+    kw = dict(steps=2, batch_size=1, ckpt_every=1, warmup=0)
+    train(tiny_cfg(photos, tmp_path, lr=1e-3, **kw))
+    recs = []
+    train(tiny_cfg(photos, tmp_path, lr=2e-4, **{**kw, "steps": 3}), resume=True, callback=recs.append)
+    assert [r["lr"] for r in recs if "lr" in r] == [pytest.approx(2e-4)]
+
+
 def test_short_prior_run_on_real_photos_lowers_flow_loss(photos, tmp_path):
     """20 steps on three real photos. The logged flow loss is noisy (random t per sample), so besides first-5 vs
     last-5 it is compared with a run at lr 0, which sees exactly the same samples, times and noise."""
