@@ -293,7 +293,7 @@ def test_degradation_mixture_draws_each_kind_per_sample_reproducibly(photos):
 
 def test_a_prior_can_grow_a_conv_head(photos, prior_dir, tmp_path):
     """--init with a recipe that adds a conv head keeps every trained weight (same outputs at first);
-    a SAD stage keeps the prior's architecture (its LoRA is all that trains)."""
+    a SAD stage keeps the prior's architecture (it trains a LoRA, and with train_head the head it has)."""
     cfg = tiny_cfg(photos, tmp_path / "g", init=str(prior_dir), model={**TINY, "depth": 3, "head_channels": 8})
     grown, mcfg = build_model(cfg)
     prior, pcfg = load_pretrained(prior_dir)
