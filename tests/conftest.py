@@ -58,6 +58,11 @@ def small_photo(name: str = "astronaut", size=(48, 40)) -> Image.Image:
     return Image.fromarray(np.asarray(arr)).convert("RGB").resize(size, Image.Resampling.LANCZOS)
 
 
+def to_tensor(img) -> torch.Tensor:
+    """An RGB PIL image or (H, W, 3) uint8 array -> (1, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
 @pytest.fixture
 def photo() -> Image.Image:
     """A small real RGB photo (astronaut, 48x40)."""

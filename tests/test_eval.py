@@ -7,7 +7,6 @@ import json
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error, small_photo
+from conftest import assert_one_line_error, small_photo, to_tensor
 from hubserver import point_hub_at, serve_hub
 from teasr_cli import benchsets
 from teasr_cli import evaluation as ev
@@ -59,17 +58,13 @@ def strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
 class MemPair:
     """An in-memory pair whose HQ is the nearest-neighbour x4 of its LQ: a nearest-neighbour
     "method" then reproduces the HQ exactly."""
 
     def __init__(self, name, size=(40, 36)):
         self.name = name
-        self.lq = tensor(small_photo(name, size))
+        self.lq = to_tensor(small_photo(name, size))
         self.hq = F.interpolate(self.lq, scale_factor=4, mode="nearest")
         self.loads = 0
 
@@ -258,11 +253,11 @@ def test_psnr_matches_an_independent_computation(tmp_path, crop):
 
 
 def test_baselines_upscale_without_rounding_and_differ():
-    lq = tensor(small_photo("coffee", (24, 20)))
+    lq = to_tensor(small_photo("coffee", (24, 20)))
     bic, lan = ev.baseline("bicubic").fn(lq), ev.baseline("lanczos").fn(lq)
     assert bic.shape == lan.shape == (1, 3, 80, 96)
     assert not torch.equal(bic, lan) and (bic * 255 - (bic * 255).round()).abs().max() > 0.01   # float, not 8-bit
-    ref = tensor(small_photo("coffee", (24, 20)).resize((96, 80), Image.Resampling.BICUBIC))
+    ref = to_tensor(small_photo("coffee", (24, 20)).resize((96, 80), Image.Resampling.BICUBIC))
     diff = (bic - ref).abs()   # Pillow's 8-bit bicubic rounds (and clips overshoot) between its two passes
     assert diff.mean() < 0.5 / 255 and diff.max() < 8 / 255
     with pytest.raises(ev.EvalError, match="unknown baseline"):

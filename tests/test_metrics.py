@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from conftest import to_tensor
 from teasr_cli.errors import TeasrError
 from teasr_cli.metrics import (DISTS, LPIPS, METRICS, FIDInceptionV3, FIDUnavailableError, MetricError,
                                fid, fid_from_features, frechet_distance, niqe, psnr_y, ssim_y)
@@ -37,10 +38,6 @@ NAMES = ("I03", "I04", "I06", "I08", "I19")
 LPIPS_ALEX_REF = (0.7237, 0.2572, 0.05079, 0.05205, 0.4253)
 DISTS_REF = (0.4742, 0.1424, 0.06825, 0.02867, 0.3123)
 NIQE_MATLAB_REF = (15.7536, 3.6549, 3.2355, 3.1840, 8.6352)  # niqe_release computequality.m
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def y_numpy(img: np.ndarray) -> np.ndarray:

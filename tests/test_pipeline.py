@@ -6,17 +6,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import small_photo
+from conftest import small_photo, to_tensor
 
 from teasr_cli.codecs import PixelUnshuffleCodec
 from teasr_cli.errors import TeasrError
 from teasr_cli.model import load_pretrained
 from teasr_cli.pipeline import UpscaleSettings, Upscaler, adain_color_fix_, auto_tile, wavelet_color_fix_
 from teasr_cli.sampler import sample
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None].float() / 255
 
 
 def coarse_corr(out, lq, size=(6, 9)):

@@ -5,16 +5,13 @@ first. k = 0 is what `teasr eval` reports; a model that only adds a 4-px checker
     python train/lpips_shift.py --degrade realesrgan MODEL [MODEL ...]
 """
 import argparse
-import glob
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from teasr_cli.benchsets import _read, synth_lq
+from teasr_cli.benchsets import synthetic_pairs
 from teasr_cli.metrics import LPIPS
-from teasr_cli.pipeline import Upscaler
+from teasr_cli.pipeline import UpscaleSettings, Upscaler
 
 p = argparse.ArgumentParser()
 p.add_argument("models", nargs="+")
@@ -23,15 +20,14 @@ p.add_argument("--hq", default="data/photos/val_hr")
 a = p.parse_args()
 
 alex = LPIPS(net="alex").eval()
-hqs = sorted(glob.glob(f"{a.hq}/*.png"))
+pairs = synthetic_pairs(a.hq, a.degrade)   # the pairs `teasr eval --hq ... --degrade ...` scores
 print("model | " + " | ".join(f"+{k} px" for k in range(4)))
 for m in a.models:
     up = Upscaler.from_pretrained(m)
-    scores = np.zeros((len(hqs), 4))
-    for i, path in enumerate(hqs):
-        lq, hq = synth_lq(_read(Path(path)), a.degrade, 0, i)
-        lr = Image.fromarray((lq[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        sr = torch.from_numpy(np.asarray(up(lr, steps=1, seed=0)).copy()).permute(2, 0, 1)[None].float() / 255
+    scores = np.zeros((len(pairs), 4))
+    for i, pair in enumerate(pairs):
+        lq, hq = pair.load()
         with torch.no_grad():
+            sr = up.upscale_tensor(lq, UpscaleSettings(steps=1, seed=0))
             scores[i] = [float(alex(sr[..., k:, k:], hq[..., k:, k:])) for k in range(4)]
     print(f"{m} | " + " | ".join(f"{v:.3f}" for v in scores.mean(0)), flush=True)
