@@ -379,7 +379,10 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     dmodel, opt = acc.prepare(model, opt)
     if acc.is_main_process:
         (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-        if step == 0:
+        if step:
+            _truncate_log(run, step)
+            _log(run, {"event": "resume", "from_step": step}, callback)
+        else:
             _log(run, {"event": "start", "config": cfg.to_dict(), "trainable_params": sum(p.numel() for p in trainable),
                        "total_params": sum(p.numel() for p in model.parameters()), "images": len(images)}, callback)
     down = codec.downsample
@@ -438,6 +441,19 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _truncate_log(run: Path, step: int):
+    """Drop the records a killed run logged after its last checkpoint: the resumed run logs those steps again."""
+    log = run / "metrics.jsonl"
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    if len(keep) < len(lines):
+        tmp = log.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, log)
 
 
 def _log(run: Path, rec: dict, callback):

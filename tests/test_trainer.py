@@ -343,6 +343,11 @@ def test_resume_after_kill_equals_uninterrupted_run(photos, tmp_path):
     s1, s2 = (json.loads((r / "ckpt-0000004" / "state.json").read_text()) for r in (straight, killed))
     assert s1 == s2 and s1["step"] == 4
     assert_same(load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors"))
+    # step 3, logged before the kill, is logged once: by the resumed run, with the straight run's numbers
+    recs = [[json.loads(ln) for ln in (r / "metrics.jsonl").read_text().splitlines()] for r in (straight, killed)]
+    losses = [[{k: v for k, v in r.items() if k in ("step", "loss", "flow")} for r in rs if "loss" in r] for rs in recs]
+    assert [r["step"] for r in losses[1]] == [1, 2, 3, 4] and losses[0] == losses[1]
+    assert [r.get("from_step") for r in recs[1] if r.get("event") == "resume"] == [2]
 
 
 def test_resume_with_a_new_learning_rate_uses_it(photos, tmp_path):
