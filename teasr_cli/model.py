@@ -150,13 +150,15 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin, n_noise):
+    def forward(self, x, cos, sin, n_noise, n_out=None):
+        """Joint attention; with `n_out`, only the first n_out tokens query (the others still give keys/values)."""
         B, L, D = x.shape
         qkv = branch_linear(self.qkv, x, n_noise).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                               # (B, heads, L, head_dim) each
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        x = F.scaled_dot_product_attention(q, k, v)                        # joint attention over both branches
-        return branch_linear(self.proj, x.transpose(1, 2).reshape(B, L, D), n_noise)
+        n_out = L if n_out is None else n_out
+        x = F.scaled_dot_product_attention(q[:, :, :n_out], k, v)          # joint attention over both branches
+        return branch_linear(self.proj, x.transpose(1, 2).reshape(B, n_out, D), n_noise)
 
 
 class Mlp(nn.Module):
@@ -187,10 +189,13 @@ class DiTBlock(nn.Module):
         per_tok = torch.cat([mods[0].expand(-1, n_noise, -1), mods[1].expand(-1, n_cond, -1)], dim=1)
         return per_tok.chunk(6, dim=-1)
 
-    def forward(self, x, c_noise, c_cond, cos, sin, n_noise):
+    def forward(self, x, c_noise, c_cond, cos, sin, n_noise, last=False):
+        """`last`: only the noise tokens come out, since nothing reads the condition tokens after the last block
+        (as SD3's context_pre_only): their attention queries, projection and MLP would be dead work."""
         sh1, sc1, g1, sh2, sc2, g2 = self.modulation(c_noise, c_cond, n_noise, x.shape[1] - n_noise)
-        x = x + g1 * self.attn(self.norm1(x) * (1 + sc1) + sh1, cos, sin, n_noise)
-        x = x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2, n_noise)
+        n = n_noise if last else x.shape[1]
+        x = x[:, :n] + g1[:, :n] * self.attn(self.norm1(x) * (1 + sc1) + sh1, cos, sin, n_noise, n)
+        x = x + g2[:, :n] * self.mlp(self.norm2(x) * (1 + sc2[:, :n]) + sh2[:, :n], n_noise)
         return x
 
 
@@ -303,12 +308,13 @@ class TeasrDiT(nn.Module):
         c_cond = self.t2_embedder(self._times(t_tar, B, z_t.device))        # (B, D)
         cos, sin = rope_2d(h, w, self.config.hidden_size // self.config.num_heads, self.config.rope_theta, z_t.device)
         cos, sin = cos.repeat(2, 1).to(x.dtype), sin.repeat(2, 1).to(x.dtype)   # condition tokens reuse the noise positions
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, last, use_reentrant=False)
             else:
-                x = block(x, c_noise, c_cond, cos, sin, n)
-        out = self.unpatchify(self.final_layer(x[:, :n], c_noise), h, w)   # only noise tokens carry it
+                x = block(x, c_noise, c_cond, cos, sin, n, last)
+        out = self.unpatchify(self.final_layer(x, c_noise), h, w)   # the noise tokens carry v
         if self.head is not None:
             out = self.head(out, z_t, z_lq, c_noise)
         out = out[:, :, :H, :W]

@@ -197,6 +197,17 @@ def test_gradient_checkpointing_gives_same_output_and_gradients(make_model, monk
         torch.testing.assert_close(g, results[1][1][name], atol=1e-7, rtol=1e-5, msg=name)
 
 
+def test_last_block_skips_the_condition_tokens_with_the_same_output(make_model, monkeypatch):
+    """Nothing reads the condition tokens after the last block, so it only updates the noise tokens."""
+    model = make_model(depth=2)
+    z, zl = latents(H=6, W=4)
+    pruned = run(model, z, 0.6, zl, 0.2)
+    full = tm.DiTBlock.forward
+    monkeypatch.setattr(tm.DiTBlock, "forward", lambda self, x, *a: full(self, x, *a[:5])[:, :a[4]] if a[5]
+                        else full(self, x, *a[:5]))
+    torch.testing.assert_close(run(model, z, 0.6, zl, 0.2), pruned, atol=1e-6, rtol=1e-5)
+
+
 def _branch_linear_outputs(monkeypatch):
     """Record (linear, output) of every branch_linear call."""
     seen = []
