@@ -94,19 +94,13 @@ def pair_seed(seed: int, index: int) -> int:
 def synth_lq(hq: torch.Tensor, how: str, seed: int, index: int, scale: int = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, 3, H, W) HQ -> (lq, hq cropped to a multiple of `scale`); LQ rounded to 8 bits like a real file.
     `how`: "bicubic" (plain antialiased downscale) or a degrade.py preset name."""
-    from .degrade import bicubic_lq, degrade, get_preset
+    from .degrade import make_lq
 
     H, W = (hq.shape[-2] // scale) * scale, (hq.shape[-1] // scale) * scale
     if H == 0 or W == 0:
         raise DatasetError(f"HQ image of {hq.shape[-1]}x{hq.shape[-2]} is smaller than the scale {scale}")
     hq = hq[..., :H, :W].contiguous()
-    if how == "bicubic":
-        lq = bicubic_lq(hq, scale)
-    else:
-        cfg = get_preset(how)
-        if cfg.scale != scale:
-            raise DatasetError(f"degradation preset {how!r} has scale {cfg.scale}, the model needs {scale}")
-        lq = degrade(hq, cfg, torch.Generator().manual_seed(pair_seed(seed, index)))
+    lq = make_lq(hq, how, torch.Generator().manual_seed(pair_seed(seed, index)), scale)
     return (lq.clamp(0, 1) * 255).round() / 255, hq
 
 

@@ -355,6 +355,17 @@ def bicubic_lq(hq: torch.Tensor, scale: int = 4) -> torch.Tensor:
     return out[0] if hq.ndim == 3 else out
 
 
+def make_lq(hq: torch.Tensor, kind: str, generator: torch.Generator, scale: int = 4) -> torch.Tensor:
+    """(B, 3, H, W) HQ -> LQ, by plain bicubic downscaling or a preset's degradation: the one place where
+    training and evaluation make their LR."""
+    if kind == "bicubic":
+        return bicubic_lq(hq, scale)
+    cfg = get_preset(kind)
+    if cfg.scale != scale:
+        raise DegradeConfigError(f"degradation preset {kind!r} has scale {cfg.scale}, the model needs {scale}")
+    return degrade(hq, cfg, generator)
+
+
 def random_crop_flip(img: torch.Tensor, size: int, generator: torch.Generator,
                      rotate: bool = False) -> torch.Tensor:
     """Random (3, size, size) crop of (3, H, W) with a random horizontal flip.

@@ -293,18 +293,14 @@ def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape
     batch layout (accumulation, processes, resume) never changes what a sample sees.
     """
     from teasr_cli.data import sample_index
-    from teasr_cli.degrade import bicubic_lq, degrade, get_preset
+    from teasr_cli.degrade import make_lq
 
     hq, lq, draws = [], [], []
     for k in range(first_sample, first_sample + n):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
         x = images.crop_at(sample_index(cfg.seed, k, len(images)), g)
         hq.append(x)
-        kind = pick_degradation(cfg.degradation, g)
-        if kind == "bicubic":
-            lq.append(bicubic_lq(x[None], cfg.scale)[0])
-        else:
-            lq.append(degrade(x[None], get_preset(kind), g)[0])
+        lq.append(make_lq(x[None], pick_degradation(cfg.degradation, g), g, cfg.scale)[0])
         draws.append(draw_sample(latent_shape, cfg.sad, g))
     stacked = {k: torch.stack([d[k] for d in draws]).to(device) for k in draws[0]}
     return torch.stack(hq).to(device), torch.stack(lq).to(device), stacked
