@@ -6,6 +6,7 @@ loading. Inputs are crops/resizes of a real photo. Prints a table and records be
     python benchmarks/upscale_speed.py                 # embedded model (or the tiny-cpu recipe size, random weights)
     python benchmarks/upscale_speed.py --quick         # fewer cases
     python benchmarks/upscale_speed.py --vs-realesrgan # 512x512 -> 2048x2048, teasr 1 step vs Real-ESRGAN x4plus
+    python benchmarks/upscale_speed.py --vs-dtypes     # the same case in fp32 and in bf16 (what --dtype auto picks)
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def child(args):
         print(json.dumps({"seconds": time.perf_counter() - t0,
                           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
-    up = load_model(args.model)
+    up = load_model(args.model, args.dtype)
     up.upscale_tensor(lq[..., :32, :32], UpscaleSettings(steps=1))          # warm-up (allocator, kernels)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tile = args.tile if args.tile > 0 else None
@@ -54,14 +55,15 @@ def child(args):
     up.upscale_tensor(lq, UpscaleSettings(steps=args.steps, tile=tile))
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": dt, "peak_rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024}))
+    print(json.dumps({"seconds": dt, "peak_rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024,
+                      "dtype": str(up.dtype).removeprefix("torch.")}))
 
 
-def load_model(spec):
+def load_model(spec, dtype="auto"):
     from teasr_cli.pipeline import Upscaler
 
     if spec not in ("recipe", "buffers"):
-        return Upscaler.from_pretrained(spec or None, device="cpu")
+        return Upscaler.from_pretrained(spec or None, device="cpu", dtype=dtype)
     # the shipped model's size with random weights: same speed, usable before weights exist
     import tomllib
 
@@ -78,7 +80,7 @@ def load_model(spec):
     torch.manual_seed(0)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    return Upscaler(model, codec, device="cpu")
+    return Upscaler(model, codec, device="cpu", dtype=dtype)
 
 
 CASES_FULL = [  # (w, h, steps, tile): tile 0 = auto, -1 = untiled
@@ -100,6 +102,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--memory", action="store_true", help="only the 2000x1500 peak-memory case, with the 'buffers' model")
     ap.add_argument("--vs-realesrgan", action="store_true", help="512x512, teasr 1 step vs Real-ESRGAN, 3 rounds")
+    ap.add_argument("--vs-dtypes", action="store_true", help="512x512, teasr 1 step in fp32 vs bf16, 3 rounds")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--size", type=int, nargs=2)
     ap.add_argument("--steps", type=int, default=1)
@@ -117,11 +121,13 @@ def main():
         args.model = "buffers" if args.memory else "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
     rows = []
     cases = [(2000, 1500, 1, 0)] if args.memory else CASES_QUICK if args.quick else CASES_FULL
-    models = [args.model] * len(cases)
+    models, dtypes = [args.model] * len(cases), [args.dtype] * len(cases)
     if args.vs_realesrgan:   # alternate the two, so a noisy machine slows both alike; compare medians
         cases, models = [(512, 512, 1, 0)] * 6, [args.model, "realesrgan"] * 3
-    for (w, h, steps, tile), model in zip(cases, models):
-        cmd = [sys.executable, __file__, "--child", "--model", model, "--threads", str(args.threads),
+    if args.vs_dtypes:
+        cases, models, dtypes = [(512, 512, 1, 0)] * 6, [args.model] * 6, ["fp32", "bf16"] * 3
+    for (w, h, steps, tile), model, dtype in zip(cases, models, dtypes):
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--threads", str(args.threads), "--dtype", dtype,
                "--photo", args.photo, "--size", str(w), str(h), "--steps", str(steps), "--tile", str(tile)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
@@ -130,7 +136,8 @@ def main():
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rows.append({"model": model, "input": f"{w}x{h}", "output": f"{4 * w}x{4 * h}", "steps": steps,
                      "tiling": {0: "auto", -1: "untiled"}.get(tile, f"tile {tile}"), **r})
-        print(f"{model:>10} {rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  {rows[-1]['tiling']:>8}  "
+        print(f"{model:>10} {r.get('dtype', ''):>8} {rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  "
+              f"{rows[-1]['tiling']:>8}  "
               f"{r['seconds']:8.2f} s  peak {r['peak_rss_mb']:7.0f} MB", flush=True)
     out = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "model": args.model,
            "rows": rows}
@@ -140,8 +147,13 @@ def main():
         out["realesrgan_over_teasr"] = med["realesrgan"] / med[args.model]
         print(f"median: teasr 1 step {med[args.model]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
               f"teasr is {out['realesrgan_over_teasr']:.2f}x as fast")
+    if args.vs_dtypes:
+        med = {d: statistics.median(r["seconds"] for r in rows if r["dtype"] == d) for d in ("float32", "bfloat16")}
+        out["median_seconds"], out["fp32_over_bf16"] = med, med["float32"] / med["bfloat16"]
+        print(f"median: fp32 {med['float32']:.2f} s, bf16 {med['bfloat16']:.2f} s: bf16 is {out['fp32_over_bf16']:.2f}x "
+              f"as fast")
     name = "upscale_memory.json" if args.memory else "upscale_vs_realesrgan.json" if args.vs_realesrgan else \
-        "upscale_speed.json"
+        "upscale_dtypes.json" if args.vs_dtypes else "upscale_speed.json"
     (HERE / name).write_text(json.dumps(out, indent=2) + "\n")
 
 

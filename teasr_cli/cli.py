@@ -37,7 +37,7 @@ OverlapOpt = typer.Option(None, "--tile-overlap", min=0, help="Tile overlap in l
 ColorOpt = typer.Option("wavelet", "--color-fix", help="Colour correction toward the input: wavelet, adain or none.")
 GridShiftOpt = typer.Option(True, "--grid-shift/--no-grid-shift", help="With several steps, move the patch grid by half a patch on every other step (hides patch seams).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (fp32; bf16 for qwen-image), fp32, bf16 or fp16 (half precision needs a GPU to pay off).")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 for qwen-image and on CPUs with AMX, else fp32), fp32, bf16 or fp16 (GPU).")
 OffloadOpt = typer.Option("none", "--offload", help="Big models: none, model (one of DiT/VAE on the GPU at a time) or sequential (layer by layer, least memory).")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch (default: all cores).")
 FormatOpt = typer.Option(None, "--format", "-f", help="Output format (png, jpg, webp, tiff, bmp); default from the output suffix.")
@@ -375,6 +375,8 @@ def eval_(
         fail(str(e))
     out = out or Path("eval_results") / label
     settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix, "grid_shift": grid_shift}
+    from teasr_cli.pipeline import DTYPES
+    dtype = next(k for k, v in DTYPES.items() if v == up.dtype)   # what "auto" chose here
     methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, _settings(s, **settings)), s,
                          {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
                for s in step_list] + baseline_methods

@@ -22,7 +22,7 @@ def coarse_corr(out, lq, size=(6, 9)):
 
 @pytest.fixture
 def upscaler(make_model):
-    return Upscaler(make_model(seed=0), PixelUnshuffleCodec(4), device="cpu")
+    return Upscaler(make_model(seed=0), PixelUnshuffleCodec(4), device="cpu", dtype="fp32")   # exact references
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_same_seed_same_image_other_seed_other_image(upscaler, lq):
 def test_zero_velocity_model_returns_the_seeded_noise_decoded(make_model, lq):
     """A fresh adaLN-Zero model predicts v = 0, so one step leaves the noise as it is: this pins
     the seed contract (a CPU generator, one full-size noise tensor) and the decode path."""
-    up = Upscaler(make_model(random=False), PixelUnshuffleCodec(4), device="cpu")
+    up = Upscaler(make_model(random=False), PixelUnshuffleCodec(4), device="cpu", dtype="fp32")
     out = up.upscale_tensor(lq, UpscaleSettings(steps=1, seed=3, color_fix="none"))
     noise = torch.randn(1, 48, 23, 37, generator=torch.Generator().manual_seed(3))
     want = (F.pixel_shuffle(noise, 4).clamp(-1, 1) + 1) / 2
@@ -187,9 +187,19 @@ def test_from_pretrained_folder(tiny_model_dir, lq):
 
 
 def test_bf16_runs_and_stays_near_fp32(make_model, lq):
-    fp32 = Upscaler(make_model(), PixelUnshuffleCodec(4), device="cpu").upscale_tensor(lq)
+    fp32 = Upscaler(make_model(), PixelUnshuffleCodec(4), device="cpu", dtype="fp32").upscale_tensor(lq)
     bf16 = Upscaler(make_model(), PixelUnshuffleCodec(4), device="cpu", dtype="bf16").upscale_tensor(lq)
     assert bf16.dtype == torch.float32 and (bf16 - fp32).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(make_model, monkeypatch, amx):
+    import teasr_cli.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_multiplies_bf16", lambda: amx)
+    up = Upscaler(make_model(), PixelUnshuffleCodec(4), device="cpu")
+    assert up.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert next(up.model.parameters()).dtype == up.dtype
 
 
 def test_pil_rgb_keeps_mode_and_is_four_times(upscaler, photo):
