@@ -36,7 +36,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon 4th gen and later), which multiply bf16 natively: there the
-    tiny-cpu model upscales about 1.4x as fast in bf16 at the same quality (benchmarks/README.md). Elsewhere
+    tiny-cpu model upscales about 1.9x as fast in bf16 at the same quality (benchmarks/README.md). Elsewhere
     bf16 is emulated and slower than fp32."""
     try:
         return bool(torch.cpu._is_amx_tile_supported())
