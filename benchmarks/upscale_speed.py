@@ -56,7 +56,7 @@ def child(args):
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": dt, "peak_rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024,
-                      "dtype": str(up.dtype).removeprefix("torch.")}))
+                      "dtype": up.dtype_name}))
 
 
 def load_model(spec, dtype="auto"):
@@ -148,9 +148,9 @@ def main():
         print(f"median: teasr 1 step {med[args.model]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
               f"teasr is {out['realesrgan_over_teasr']:.2f}x as fast")
     if args.vs_dtypes:
-        med = {d: statistics.median(r["seconds"] for r in rows if r["dtype"] == d) for d in ("float32", "bfloat16")}
-        out["median_seconds"], out["fp32_over_bf16"] = med, med["float32"] / med["bfloat16"]
-        print(f"median: fp32 {med['float32']:.2f} s, bf16 {med['bfloat16']:.2f} s: bf16 is {out['fp32_over_bf16']:.2f}x "
+        med = {d: statistics.median(r["seconds"] for r in rows if r["dtype"] == d) for d in ("fp32", "bf16")}
+        out["median_seconds"], out["fp32_over_bf16"] = med, med["fp32"] / med["bf16"]
+        print(f"median: fp32 {med['fp32']:.2f} s, bf16 {med['bf16']:.2f} s: bf16 is {out['fp32_over_bf16']:.2f}x "
               f"as fast")
     name = "upscale_memory.json" if args.memory else "upscale_vs_realesrgan.json" if args.vs_realesrgan else \
         "upscale_dtypes.json" if args.vs_dtypes else "upscale_speed.json"

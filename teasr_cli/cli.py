@@ -375,8 +375,7 @@ def eval_(
         fail(str(e))
     out = out or Path("eval_results") / label
     settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix, "grid_shift": grid_shift}
-    from teasr_cli.pipeline import DTYPES
-    dtype = next(k for k, v in DTYPES.items() if v == up.dtype)   # what "auto" chose here
+    dtype = up.dtype_name   # what "auto" chose here
     methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, _settings(s, **settings)), s,
                          {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
                for s in step_list] + baseline_methods

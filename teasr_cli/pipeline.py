@@ -120,7 +120,7 @@ class Upscaler:
             raise TeasrError(f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
         if offload != "none" and not big:
             raise TeasrError("--offload is for big backbones (qwen-image); this model fits in memory as it is")
-        self.dtype = DTYPES[dtype]
+        self.dtype_name, self.dtype = dtype, DTYPES[dtype]   # the name: what "auto" chose, for the records
         if big:
             from teasr_cli.backbones.qwen_image import enable_offload
             model.to(self.dtype)      # cast first: the offload hooks pin where each module lives

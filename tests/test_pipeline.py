@@ -198,7 +198,7 @@ def test_auto_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(make_model, m
 
     monkeypatch.setattr(pipeline, "cpu_multiplies_bf16", lambda: amx)
     up = Upscaler(make_model(), PixelUnshuffleCodec(4), device="cpu")
-    assert up.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert up.dtype == (torch.bfloat16 if amx else torch.float32) and up.dtype_name == ("bf16" if amx else "fp32")
     assert next(up.model.parameters()).dtype == up.dtype
 
 
