@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from teasr_cli.errors import TeasrError
 from teasr_cli.model import LORA_TARGETS, CondLoRALinear
 
 # Modules that only ever see condition tokens: trained in full alongside the LoRA
@@ -13,18 +14,43 @@ COND_ONLY = ("c_embedder.", "t2_embedder.")
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: str = LORA_TARGETS) -> nn.Module:
     """Freeze the model (the noise branch is the generative prior), add peft LoRA to the targets.
 
+    A model exported from stage sad keeps its condition-branch LoRA: it becomes the first `rank` components of
+    the new one (training continues from the same function, with more rank if asked).
+
     The model routes only condition tokens through the LoRA (`model.branch_linear`), so the noise
     branch keeps computing exactly what the frozen base computes.
     """
     from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
 
-    if getattr(model.config, "cond_lora_rank", 0):
-        raise ValueError("this model already has an exported condition-branch LoRA; start LoRA from a plain prior")
+    exported = unwrap_cond_lora(model)
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0), model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and name in exported:   # continue an exported SAD model: the same function
+            down, up, scale = exported[name]
+            if down.shape[0] > rank:
+                raise TeasrError(f"the model's condition-branch LoRA has rank {down.shape[0]}; continue it with rank >= that, not {rank}")
+            (adapter,) = mod.active_adapters
+            with torch.no_grad():   # the extra rank starts at zero (lora_B), so the output is unchanged
+                mod.lora_A[adapter].weight[: down.shape[0]].copy_(down)
+                mod.lora_B[adapter].weight.zero_()[:, : down.shape[0]].copy_(up * (scale / mod.scaling[adapter]))
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith(COND_ONLY))
     return model
+
+
+def unwrap_cond_lora(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Put each exported CondLoRALinear's base linear back in its place; return its factors by module name."""
+    found = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, CondLoRALinear):
+            found[name] = (mod.lora_down.weight.detach(), mod.lora_up.weight.detach(), mod.scale)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod.base_layer)
+    if found:
+        model.config.cond_lora_rank = model.config.cond_lora_alpha = 0
+    return found
 
 
 @torch.no_grad()

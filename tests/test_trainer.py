@@ -252,6 +252,25 @@ def test_export_gives_plain_model_with_identical_outputs(prior_dir, tmp_path):
     assert (want - base).abs().max() > 1e-3                      # and the LoRA did change the output
 
 
+def test_sad_continues_an_exported_model_with_more_rank(prior_dir, tmp_path):
+    """--init an exported SAD model: its LoRA becomes the first components of a larger one (another scale too),
+    so training resumes from the very function that was exported; a smaller rank is refused."""
+    model, mcfg = sad_model(prior_dir)
+    folder = export_model(randomize_lora(model), mcfg, tmp_path / "exported")
+    plain = load_pretrained(folder)[0]
+    more, _ = build_model(TrainConfig.load(None, stage="sad", init=str(folder), data="d", lora_rank=8, lora_alpha=4))
+    assert {p.shape for n, p in more.named_parameters() if "lora_A" in n} >= {torch.Size([8, 32])}
+    g = torch.Generator().manual_seed(2)
+    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+    t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])
+    with torch.no_grad():
+        torch.testing.assert_close(more.eval()(z, t, zl, s), plain(z, t, zl, s), rtol=1e-5, atol=1e-6)
+    again = load_pretrained(export_model(more, {**mcfg}, tmp_path / "again"))[0]
+    assert again.config.cond_lora_rank == 8
+    with pytest.raises(TeasrError, match="rank >= that"):
+        build_model(TrainConfig.load(None, stage="sad", init=str(folder), data="d", lora_rank=2, lora_alpha=2))
+
+
 # ----------------------------------------------------------------------------- data: determinism and sizes
 
 @pytest.mark.parametrize("degradation", ["bicubic", "mild", "realesrgan"])
