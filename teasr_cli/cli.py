@@ -239,6 +239,7 @@ def train(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where --export writes the model folder."),
     half: bool = typer.Option(False, "--half", help="With --export: store the weights in fp16 (half the size; loaded as fp32)."),
     no_ema: bool = typer.Option(False, "--no-ema", help="With --export: the live weights instead of their EMA."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1, help="With --export: keep the N strongest components of each condition-branch LoRA (truncated SVD), for a smaller file."),
 ):
     """Train with Self-Adversarial Distillation (stage sad) or train the generative prior (stage prior)."""
     import json
@@ -254,7 +255,7 @@ def train(
                 fail("--export needs -o MODEL_DIR")
             with console.status("exporting..."):
                 folder = trainer.export_checkpoint(export, output, use_ema=not no_ema,
-                                                   dtype=torch.float16 if half else None)
+                                                   dtype=torch.float16 if half else None, lora_rank=lora_rank)
             console.print(f"exported {folder}")
             return
         if out is None:

@@ -54,21 +54,31 @@ def unwrap_cond_lora(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def export_lora(model: nn.Module) -> nn.Module:
-    """Replace each peft LoRA layer by a CondLoRALinear with the same weights (exact; no peft at inference)."""
+def export_lora(model: nn.Module, rank: int | None = None) -> nn.Module:
+    """Replace each peft LoRA layer by a CondLoRALinear with the same weights (exact; no peft at inference).
+
+    `rank` below the trained one keeps each delta's strongest components (truncated SVD: the best approximation of
+    that rank), for a smaller file; alpha then equals the rank, so the scale is 1.
+    """
     from peft.tuners.lora import LoraLayer
 
-    rank = alpha = None
+    r_out = alpha = None
     for name, mod in list(model.named_modules()):
         if isinstance(mod, LoraLayer):
             (adapter,) = mod.active_adapters
-            rank, alpha = mod.r[adapter], mod.lora_alpha[adapter]
-            plain = CondLoRALinear(mod.get_base_layer(), rank, alpha)
-            plain.scale = mod.scaling[adapter]
-            plain.lora_down.weight.copy_(mod.lora_A[adapter].weight)
-            plain.lora_up.weight.copy_(mod.lora_B[adapter].weight)
+            down, up, scale = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight, mod.scaling[adapter]
+            r_out, alpha = mod.r[adapter], mod.lora_alpha[adapter]
+            if rank is not None and rank < r_out:
+                u, s, vh = torch.linalg.svd((up.double() * scale) @ down.double(), full_matrices=False)
+                root = s[:rank].sqrt()
+                up, down, scale = (u[:, :rank] * root).to(up.dtype), (root[:, None] * vh[:rank]).to(down.dtype), 1.0
+                r_out = alpha = rank
+            plain = CondLoRALinear(mod.get_base_layer(), r_out, alpha)
+            plain.scale = scale
+            plain.lora_down.weight.copy_(down)
+            plain.lora_up.weight.copy_(up)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, plain)
-    if rank is not None:
-        model.config.cond_lora_rank, model.config.cond_lora_alpha = rank, alpha
+    if r_out is not None:
+        model.config.cond_lora_rank, model.config.cond_lora_alpha = r_out, alpha
     return model

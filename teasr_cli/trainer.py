@@ -232,11 +232,13 @@ def build_qwen(cfg: TrainConfig):
 
 
 def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None,
-                 dtype: torch.dtype | None = None) -> Path:
+                 dtype: torch.dtype | None = None, lora_rank: int | None = None) -> Path:
     """A plain model folder for `teasr upscale`: EMA weights if any, the LoRA as plain condition-branch modules."""
     from teasr_cli.lora import export_lora
 
     if mcfg.get("backbone") == "qwen-image":
+        if lora_rank is not None:
+            raise TeasrError("--lora-rank applies to native models; a qwen-image folder keeps its peft LoRA as trained")
         return _export_qwen(model, folder, ema, meta)
     model = copy.deepcopy(model).cpu()
     if ema:
@@ -244,7 +246,7 @@ def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta:
         for n, v in ema.items():
             params[n].data.copy_(v)
     if any("lora_" in n for n, _ in model.named_parameters()):
-        export_lora(model)
+        export_lora(model, lora_rank)
     cfg = {**mcfg, "model": model.config.to_dict(), **(meta or {})}
     save_pretrained(model, cfg, folder, dtype=dtype)
     return folder
@@ -265,7 +267,8 @@ def _export_qwen(model, folder: Path, ema: dict | None, meta: dict | None) -> Pa
     return folder
 
 
-def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None) -> Path:
+def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None,
+                      lora_rank: int | None = None) -> Path:
     """`teasr train --export`: a run folder (its latest checkpoint) or one checkpoint -> a plain model folder."""
     path = Path(path)
     ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
@@ -281,7 +284,7 @@ def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.
     ema = {} if use_ema and cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema)
     return export_model(model, mcfg, Path(out), ema or None, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}},
-                        dtype=dtype)
+                        dtype=dtype, lora_rank=lora_rank)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -139,7 +139,8 @@ def test_shipped_recipe_loads_for_every_stage():
 # ----------------------------------------------------------------------------- condition-branch LoRA
 
 def sad_model(prior_dir, **kw):
-    cfg = TrainConfig.load(None, stage="sad", init=str(prior_dir), data="d", lora_rank=4, lora_alpha=8, crop=32, **kw)
+    cfg = TrainConfig.load(None, **{"stage": "sad", "init": str(prior_dir), "data": "d", "lora_rank": 4, "lora_alpha": 8,
+                                    "crop": 32, **kw})
     return build_model(cfg)
 
 
@@ -258,7 +259,7 @@ def test_sad_continues_an_exported_model_with_more_rank(prior_dir, tmp_path):
     model, mcfg = sad_model(prior_dir)
     folder = export_model(randomize_lora(model), mcfg, tmp_path / "exported")
     plain = load_pretrained(folder)[0]
-    more, _ = build_model(TrainConfig.load(None, stage="sad", init=str(folder), data="d", lora_rank=8, lora_alpha=4))
+    more, _ = sad_model(folder, lora_rank=8, lora_alpha=4)
     assert {p.shape for n, p in more.named_parameters() if "lora_A" in n} >= {torch.Size([8, 32])}
     g = torch.Generator().manual_seed(2)
     z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
@@ -268,7 +269,30 @@ def test_sad_continues_an_exported_model_with_more_rank(prior_dir, tmp_path):
     again = load_pretrained(export_model(more, {**mcfg}, tmp_path / "again"))[0]
     assert again.config.cond_lora_rank == 8
     with pytest.raises(TeasrError, match="rank >= that"):
-        build_model(TrainConfig.load(None, stage="sad", init=str(folder), data="d", lora_rank=2, lora_alpha=2))
+        sad_model(folder, lora_rank=2)
+
+
+def test_export_truncates_lora_rank_by_svd(prior_dir, tmp_path):
+    """--lora-rank: a rank-8 LoRA whose deltas have rank 4 exports at rank 4 with the same outputs and a smaller
+    file; below that, the output moves."""
+    model, mcfg = sad_model(prior_dir, lora_rank=8, lora_alpha=4)
+    randomize_lora(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p[4:] = 0                       # each delta B A now has rank 4
+    full = export_model(model, mcfg, tmp_path / "full")
+    four, two = (export_model(model, mcfg, tmp_path / f"r{r}", lora_rank=r) for r in (4, 2))
+    g = torch.Generator().manual_seed(3)
+    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+    t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])
+    (m_full, _), (m_four, c_four), (m_two, _) = (load_pretrained(f) for f in (full, four, two))
+    with torch.no_grad():
+        want = m_full(z, t, zl, s)
+        torch.testing.assert_close(m_four(z, t, zl, s), want, rtol=1e-4, atol=1e-5)
+        assert (m_two(z, t, zl, s) - want).abs().max() > 1e-4
+    assert c_four["model"]["cond_lora_rank"] == 4 and m_four.blocks[0].attn.qkv.scale == 1.0
+    assert (four / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
 
 
 # ----------------------------------------------------------------------------- data: determinism and sizes
