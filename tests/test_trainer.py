@@ -231,6 +231,13 @@ def test_lora_reaches_condition_tokens_only(prior_dir):
     assert any((b[:, n:] - a[:, n:]).abs().max() > 1e-3 for a, b in zip(mb, ml))
 
 
+def probe(seed):
+    """(z_t, t_cur, z_lq, t_tar) for comparing two models' outputs: a one-step and a shortcut call."""
+    g = torch.Generator().manual_seed(seed)
+    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
+    return z, torch.tensor([1.0, 0.5]), zl, torch.tensor([0.0, 0.25])
+
+
 def test_export_gives_plain_model_with_identical_outputs(prior_dir, tmp_path):
     model, mcfg = sad_model(prior_dir)
     randomize_lora(model)
@@ -243,9 +250,7 @@ def test_export_gives_plain_model_with_identical_outputs(prior_dir, tmp_path):
     assert not any(type(m).__module__.startswith("peft") for m in plain.modules())
     assert sum(isinstance(m, CondLoRALinear) for m in plain.modules()) == 10
     assert cfg["model"]["cond_lora_rank"] == 4 and cfg["trained"] == {"stage": "sad"}
-    g = torch.Generator().manual_seed(1)
-    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
-    t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])
+    z, t, zl, s = probe(1)
     with torch.no_grad():
         want, got = model.eval()(z, t, zl, s), plain(z, t, zl, s)
         base = load_pretrained(prior_dir)[0](z, t, zl, s)
@@ -261,9 +266,7 @@ def test_sad_continues_an_exported_model_with_more_rank(prior_dir, tmp_path):
     plain = load_pretrained(folder)[0]
     more, _ = sad_model(folder, lora_rank=8, lora_alpha=4)
     assert {p.shape for n, p in more.named_parameters() if "lora_A" in n} >= {torch.Size([8, 32])}
-    g = torch.Generator().manual_seed(2)
-    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
-    t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])
+    z, t, zl, s = probe(2)
     with torch.no_grad():
         torch.testing.assert_close(more.eval()(z, t, zl, s), plain(z, t, zl, s), rtol=1e-5, atol=1e-6)
     again = load_pretrained(export_model(more, {**mcfg}, tmp_path / "again"))[0]
@@ -283,9 +286,7 @@ def test_export_truncates_lora_rank_by_svd(prior_dir, tmp_path):
                 p[4:] = 0                       # each delta B A now has rank 4
     full = export_model(model, mcfg, tmp_path / "full")
     four, two = (export_model(model, mcfg, tmp_path / f"r{r}", lora_rank=r) for r in (4, 2))
-    g = torch.Generator().manual_seed(3)
-    z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
-    t, s = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])
+    z, t, zl, s = probe(3)
     (m_full, _), (m_four, c_four), (m_two, _) = (load_pretrained(f) for f in (full, four, two))
     with torch.no_grad():
         want = m_full(z, t, zl, s)
