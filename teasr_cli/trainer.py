@@ -199,15 +199,21 @@ GROWABLE = ("head_channels", "head_depth")   # parts a trained model can gain: t
 
 
 def grow_model(model, mcfg: dict, cfg: TrainConfig):
-    """--init with a prior/regress recipe whose `model` adds a conv head: the new model keeps every trained weight.
+    """--init with a prior/regress recipe whose `model` adds a conv head, or any recipe (SAD with train_head too)
+    that makes an existing head deeper: the new model keeps every trained weight and starts as the same function.
     Any other model setting comes from --init, as before (its weights fix the shapes)."""
     changed = {k: cfg.model[k] for k in GROWABLE if k in cfg.model and mcfg["model"].get(k) != cfg.model[k]}
-    if not changed or cfg.stage == "sad":
+    deeper = model.head is not None and set(changed) == {"head_depth"}
+    if not changed or (cfg.stage == "sad" and not (deeper and cfg.train_head)):   # SAD keeps the prior's shape
         return model, mcfg
     grown = TeasrDiT(DiTConfig.from_dict({**mcfg["model"], **changed}))
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise TeasrError(f"cannot grow {cfg.init}: {len(missing)} missing, {len(unexpected)} unexpected weights")
+    if deeper:   # a residual conv with zero weights is the identity; a new head is already one (its output conv is zero)
+        with torch.no_grad():
+            for k in missing:
+                grown.get_parameter(k).zero_()
     return grown, {**mcfg, "model": grown.config.to_dict()}
 
 

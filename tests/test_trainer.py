@@ -463,6 +463,16 @@ def test_sad_stage_can_train_the_conv_head_too(photos, prior_dir, tmp_path):
         assert torch.equal(got[k2], v) != trained, k
     with pytest.raises(TeasrError, match="conv head"):
         build_model(tiny_cfg(photos, tmp_path / "x", stage="sad", init=str(prior_dir), train_head=True))
+    # a deeper head: the new residual convs start at zero (the same function) and then train
+    deep = dict(stage="sad", init=str(tmp_path / "headed"), lora_rank=4, lora_alpha=4, train_head=True,
+                model={**TINY, "head_channels": 8, "head_depth": 4})
+    grown, mcfg = build_model(tiny_cfg(photos, tmp_path / "d", **deep))
+    assert len(grown.head.mid) == 4 and mcfg["model"]["head_depth"] == 4
+    headed, _ = load_pretrained(tmp_path / "headed")
+    with torch.no_grad():
+        assert torch.equal(grown.eval()(*probe(0)), headed(*probe(0)))
+    out = train(tiny_cfg(photos, tmp_path / "deep", steps=2, batch_size=2, lr=1e-2, **deep))
+    assert load_file(out / "model.safetensors")["head.mid.3.weight"].abs().max() > 0
 
 
 def test_regress_stage_trains_every_weight_on_the_pixel_anchor_only(photos, tmp_path):
