@@ -199,8 +199,8 @@ GROWABLE = ("head_channels", "head_depth")   # parts a trained model can gain: t
 
 
 def grow_model(model, mcfg: dict, cfg: TrainConfig):
-    """--init with a prior/regress recipe whose `model` adds a conv head, or any recipe (SAD with train_head too)
-    that makes an existing head deeper: the new model keeps every trained weight and starts as the same function.
+    """--init with a recipe whose `model` adds a conv head (stage prior/regress) or makes the head deeper (any stage;
+    sad needs train_head): the new model keeps every trained weight and starts as the same function.
     Any other model setting comes from --init, as before (its weights fix the shapes)."""
     changed = {k: cfg.model[k] for k in GROWABLE if k in cfg.model and mcfg["model"].get(k) != cfg.model[k]}
     deeper = model.head is not None and set(changed) == {"head_depth"}
