@@ -36,6 +36,8 @@ TileOpt = typer.Option(None, "--tile", min=1, help="Tile size in latent pixels (
 OverlapOpt = typer.Option(None, "--tile-overlap", min=0, help="Tile overlap in latent pixels (default: a quarter of the tile).")
 ColorOpt = typer.Option("wavelet", "--color-fix", help="Colour correction toward the input: wavelet, adain or none.")
 GridShiftOpt = typer.Option(True, "--grid-shift/--no-grid-shift", help="With several steps, move the patch grid by half a patch on every other step (hides patch seams).")
+AnchorOpt = typer.Option(True, "--anchor/--no-anchor", help="With several steps, take what the input's pixel grid can see from the 1-step result (one more model call) and only the finer detail from the N steps: more faithful.")
+FidelityOpt = typer.Option(0.0, "--fidelity", min=0.0, max=1.0, help="For clean inputs (resized, not blurry, noisy or compressed): keep 1-F of the added detail and make the output downscale back to the input exactly. 0 = off; 0.5 is a good start.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bf16 for qwen-image and on CPUs with AMX, else fp32), fp32, bf16 or fp16 (GPU).")
 OffloadOpt = typer.Option("none", "--offload", help="Big models: none, model (one of DiT/VAE on the GPU at a time) or sequential (layer by layer, least memory).")
@@ -61,11 +63,11 @@ def _dist() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift=True):
+def _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift=True, anchor=True, fidelity=0.0):
     from teasr_cli.pipeline import UpscaleSettings
 
     return UpscaleSettings(steps=steps, seed=seed, tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,
-                           grid_shift=grid_shift)
+                           grid_shift=grid_shift, anchor=anchor, fidelity=fidelity)
 
 
 def _suffix_for(fmt: Optional[str], default: str) -> str:
@@ -96,7 +98,7 @@ def upscale(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file (default: INPUT_x4 with the input's suffix)."),
     model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
     tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, grid_shift: bool = GridShiftOpt,
-    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
+    anchor: bool = AnchorOpt, fidelity: float = FidelityOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
     overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt, offload: str = OffloadOpt,
 ):
     """Upscale one image x4."""
@@ -117,8 +119,8 @@ def upscale(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task(f"upscaling {input.name}", total=steps)
-            _upscale_file(up, input, dst, _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift), format, quality,
-                          max_pixels, callback=lambda i, n, z: bar.update(task, completed=i))
+            _upscale_file(up, input, dst, _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift, anchor, fidelity),
+                          format, quality, max_pixels, callback=lambda i, n, z: bar.update(task, completed=i, total=n))
     except TeasrError as e:
         fail(str(e))
     console.print(f"wrote {dst}", highlight=False)
@@ -144,7 +146,7 @@ def batch(
     glob: str = typer.Option("*", "--glob", "-g", help="Only files matching this pattern, e.g. '*.jpg'."),
     model: Optional[str] = ModelOpt, steps: int = StepsOpt, seed: int = SeedOpt, tile: Optional[int] = TileOpt,
     tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt, grid_shift: bool = GridShiftOpt,
-    device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
+    anchor: bool = AnchorOpt, fidelity: float = FidelityOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, format: Optional[str] = FormatOpt, quality: int = QualityOpt,
     overwrite: bool = OverwriteOpt, max_pixels: Optional[int] = MaxPixelsOpt, offload: str = OffloadOpt,
 ):
     """Upscale every image in a folder x4; resumes where an interrupted run stopped.
@@ -181,7 +183,7 @@ def batch(
         up = _load(model, device, dtype, threads, offload) if todo else None
     except TeasrError as e:
         fail(str(e))
-    settings = _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift)
+    settings = _settings(steps, seed, tile, tile_overlap, color_fix, grid_shift, anchor, fidelity)
     failed: list[tuple[Path, str]] = []
     t0 = time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -351,8 +353,8 @@ def eval_(
     save_images: bool = typer.Option(False, "--save-images", help="Also save every SR image under OUT/images/."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images (quick checks)."),
     tile: Optional[int] = TileOpt, tile_overlap: Optional[int] = OverlapOpt, color_fix: str = ColorOpt,
-    grid_shift: bool = GridShiftOpt, device: str = DeviceOpt, dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt,
-    offload: str = OffloadOpt,
+    grid_shift: bool = GridShiftOpt, anchor: bool = AnchorOpt, fidelity: float = FidelityOpt, device: str = DeviceOpt,
+    dtype: str = DtypeOpt, threads: Optional[int] = ThreadsOpt, offload: str = OffloadOpt,
 ):
     """Benchmark the model against ground truth: PSNR, SSIM, LPIPS, DISTS, NIQE, FID per step count."""
     from teasr_cli import benchsets
@@ -375,14 +377,16 @@ def eval_(
     except TeasrError as e:
         fail(str(e))
     out = out or Path("eval_results") / label
-    settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix, "grid_shift": grid_shift}
+    settings = {"seed": seed, "tile": tile, "tile_overlap": tile_overlap, "color_fix": color_fix, "grid_shift": grid_shift,
+                "anchor": anchor, "fidelity": fidelity}
     dtype = up.dtype_name   # what "auto" chose here
     methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, _settings(s, **settings)), s,
                          {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
                for s in step_list] + baseline_methods
     config = {"dataset": label, "data": data, "model": str(model or "default"), "model_folder": str(up.folder),
               "steps": step_list, "seed": seed, "degrade": degrade, "degrade_seed": degrade_seed if degrade else None,
-              "baselines": baselines, "color_fix": color_fix, "dtype": dtype, "device": up.device.type}
+              "baselines": baselines, "color_fix": color_fix, "anchor": anchor, "fidelity": fidelity, "dtype": dtype,
+              "device": up.device.type}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("eta"), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("evaluating", total=len(pairs))

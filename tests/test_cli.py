@@ -55,6 +55,18 @@ def test_upscale_writes_a_four_times_image(cli, cat, name):
         assert img.size == (128, 96) and img.format == ("PNG" if name.endswith("png") else "JPEG")
 
 
+def test_upscale_fidelity_makes_the_output_downscale_back_to_the_input(cli, cat):
+    from teasr_cli.pipeline import downscale
+
+    lq = to_tensor(Image.open(cat / "cat.png"))
+    err = {}
+    for fid in ("0", "0.5"):
+        result = cli("upscale", cat / "cat.png", "--steps", "2", "--fidelity", fid, "-o", cat / f"f{fid}.png")
+        assert result.exit_code == 0, result.output
+        err[fid] = float((downscale(to_tensor(Image.open(cat / f"f{fid}.png")), 4) - lq).abs().mean())
+    assert err["0.5"] < err["0"] / 3, err       # the tiny test model alone drifts far from its input
+
+
 def test_upscale_output_path_and_format(cli, cat):
     result = cli("upscale", cat / "cat.jpg", "-o", cat / "big.webp")
     assert result.exit_code == 0, result.output

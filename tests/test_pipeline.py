@@ -11,7 +11,8 @@ from conftest import small_photo, to_tensor
 from teasr_cli.codecs import PixelUnshuffleCodec
 from teasr_cli.errors import TeasrError
 from teasr_cli.model import load_pretrained
-from teasr_cli.pipeline import UpscaleSettings, Upscaler, adain_color_fix_, auto_tile, wavelet_color_fix_
+from teasr_cli.pipeline import (UpscaleSettings, Upscaler, adain_color_fix_, auto_tile, downscale, project_to_lr_,
+                                wavelet_color_fix_)
 from teasr_cli.sampler import sample
 
 
@@ -71,8 +72,10 @@ def reference(model, lq, steps, seed):
     z_lq = codec.encode(up)
     noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        z = sample(model, noise, z_lq, steps)
-    out = wavelet_color_fix_(codec.decode(z), x, 4)       # low band from the LQ input itself
+        out = codec.decode(sample(model, noise, z_lq, steps))
+        if steps > 1:                                     # the LR-grid band from the 1-step result
+            project_to_lr_(out, downscale(codec.decode(sample(model, noise, z_lq, 1)), 4), 4)
+    out = wavelet_color_fix_(out, x, 4)                   # low band from the LQ input itself
     return (out.clamp(-1, 1) + 1) / 2
 
 
@@ -112,10 +115,50 @@ def test_real_tiles_stay_close_to_the_untiled_result(upscaler, lq):
     assert 0 < (tiled - full).abs().mean() < 0.5 * (other_seed - full).abs().mean()
 
 
-def test_callback_sees_every_step(upscaler, lq):
+def test_callback_sees_every_model_call(upscaler, lq):
     seen = []
     upscaler.upscale_tensor(lq, UpscaleSettings(steps=3), callback=lambda i, n, z: seen.append((i, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]              # the 1-step anchor first
+    seen.clear()
+    upscaler.upscale_tensor(lq, UpscaleSettings(steps=3, anchor=False), callback=lambda i, n, z: seen.append((i, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+# ------------------------------------------------------------------ consistency with the input: anchor, fidelity
+
+def test_projection_makes_the_downscale_equal_the_input_and_keeps_the_finer_detail():
+    hr = to_tensor(small_photo("astronaut", (128, 96))) * 2 - 1
+    lr = downscale(hr, 4)
+    other = to_tensor(small_photo("coffee", (128, 96))) * 2 - 1        # another photo: everything differs
+    out = project_to_lr_(other.clone(), lr, 4)
+    assert 20 * torch.log10(2 / (downscale(out, 4) - lr).pow(2).mean().sqrt()) > 45      # PSNR; was ~12 dB
+    detail = lambda x: x - F.interpolate(downscale(x, 4), scale_factor=4, mode="bicubic", align_corners=False)
+    corr = [np.corrcoef(detail(out).flatten(), detail(x).flatten())[0, 1] for x in (other, hr)]
+    assert corr[0] > 0.8 and corr[1] < 0.3                               # coffee's fine detail, not the astronaut's
+    assert torch.equal(project_to_lr_(hr.clone(), lr, 4), hr)                        # consistent: untouched
+
+
+def test_anchor_gives_n_steps_the_coarse_picture_of_one_step(upscaler, lq):
+    one = upscaler.upscale_tensor(lq, UpscaleSettings(steps=1, seed=2, color_fix="none"))
+    runs = {a: upscaler.upscale_tensor(lq, UpscaleSettings(steps=4, seed=2, color_fix="none", anchor=a)) for a in (True, False)}
+    gap = {a: (downscale(r, 4) - downscale(one, 4)).abs().mean() for a, r in runs.items()}
+    assert gap[True] < 0.01 < gap[False]
+    assert (runs[True] - one).abs().mean() > 0.02        # yet its own detail: not the 1-step image
+
+
+def test_fidelity_one_is_back_projected_bicubic_whatever_the_model(make_model, lq):
+    """F = 1 keeps none of the model's detail: two different models give the same image, which
+    downscales back to the input; F = 0 is the plain pipeline."""
+    ups = [Upscaler(make_model(seed=s), PixelUnshuffleCodec(4), device="cpu", dtype="fp32") for s in (0, 1)]
+    outs = [u.upscale_tensor(lq, UpscaleSettings(steps=2, fidelity=1.0)) for u in ups]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+    bicubic = F.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+    err = lambda x: (downscale(x, 4) - lq).abs().mean()
+    assert err(outs[0]) < err(bicubic) / 4
+    half = ups[0].upscale_tensor(lq, UpscaleSettings(steps=2, fidelity=0.5))
+    plain = ups[0].upscale_tensor(lq, UpscaleSettings(steps=2))
+    assert err(half) < err(plain) / 4 and (half - outs[0]).abs().mean() > 1e-3
+    assert torch.equal(ups[0].upscale_tensor(lq, UpscaleSettings(steps=2, fidelity=0.0)), plain)
 
 
 # ------------------------------------------------------------------ colour fixes
@@ -165,6 +208,7 @@ def test_colour_fix_none_and_adain_run_through_the_pipeline(upscaler, lq):
     (UpscaleSettings(color_fix="sepia"), "colour fix"),
     (UpscaleSettings(steps=0), "steps"),
     (UpscaleSettings(tile=2), "tile"),
+    (UpscaleSettings(fidelity=1.5), "fidelity"),
 ])
 def test_bad_settings_raise_one_line_errors(upscaler, lq, settings, word):
     with pytest.raises(TeasrError, match=word) as info:
