@@ -347,11 +347,16 @@ def degrade(hq: torch.Tensor, cfg: DegradeConfig, generator: torch.Generator) ->
     return torch.cat([_degrade_one(x[i:i + 1], lq_hw, cfg, generator) for i in range(x.shape[0])])
 
 
+def downscale(x: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """Antialiased bicubic downscale of (B, C, H, W): clean LR, and the model of it that the sampler's
+    consistency projections invert."""
+    return F.interpolate(x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic",
+                         align_corners=False, antialias=True)
+
+
 def bicubic_lq(hq: torch.Tensor, scale: int = 4) -> torch.Tensor:
     """Plain antialiased bicubic downscale of (3, H, W) or (B, 3, H, W), for "bicubic LR" sets."""
-    x = hq[None] if hq.ndim == 3 else hq
-    out = F.interpolate(x.float(), size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic",
-                        align_corners=False, antialias=True).clamp(0, 1)
+    out = downscale((hq[None] if hq.ndim == 3 else hq).float(), scale).clamp(0, 1)
     return out[0] if hq.ndim == 3 else out
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from teasr_cli.codecs import build_codec
+from teasr_cli.degrade import downscale
 from teasr_cli.errors import TeasrError
 from teasr_cli.sampler import sample
 from teasr_cli.tiling import TiledVelocity
@@ -89,12 +90,6 @@ def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> i
         tokens = 256
     side = int(tokens ** 0.5) * patch
     return max(min(side, max(latent_hw)), 2 * patch)   # a latent smaller than 2 patches still gets a valid (single) tile
-
-
-def downscale(x, scale: int):
-    """The clean-LR model of the consistency projections: an antialiased bicubic downscale (as `bicubic_lq`)."""
-    return F.interpolate(x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic",
-                         align_corners=False, antialias=True)
 
 
 def project_to_lr_(out, lr, scale: int, iters: int = 5):
