@@ -9,9 +9,9 @@ from PIL import Image
 from conftest import small_photo, to_tensor
 
 from teasr_cli.codecs import PixelUnshuffleCodec
+from teasr_cli.degrade import downscale
 from teasr_cli.errors import TeasrError
 from teasr_cli.model import load_pretrained
-from teasr_cli.degrade import downscale
 from teasr_cli.pipeline import UpscaleSettings, Upscaler, adain_color_fix_, auto_tile, project_to_lr_, wavelet_color_fix_
 from teasr_cli.sampler import sample
 
