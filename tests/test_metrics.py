@@ -141,10 +141,11 @@ def test_dists_matches_calibration(calibration):
 def test_niqe_matches_matlab_release(calibration):
     dist, _ = calibration
     got = niqe(dist)
-    # MATLAB's own numbers: flat image areas make the last digits rounding-dependent, so allow 1 %
-    # (we are within 0.6 %; pyiqa's port is within 5 %).
-    assert got.tolist() == pytest.approx(NIQE_MATLAB_REF, rel=0.01)
-    assert got[1].item() == pytest.approx(NIQE_MATLAB_REF[1], abs=1e-3)
+    # MATLAB's own numbers. Images without flat areas match to 4 decimals; in the large flat areas of I08 and
+    # I19 the AGGD fits depend on rounding, so allow 2 % there (measured 0.56 % and 1.26 % on an AMD EPYC;
+    # the first machine this ran on gave under 0.6 % for both; pyiqa's port is within 5 %).
+    assert got.tolist() == pytest.approx(NIQE_MATLAB_REF, rel=0.02)
+    assert got[1:3].tolist() == pytest.approx(NIQE_MATLAB_REF[1:3], abs=1e-3)
 
 
 @pytest.mark.parametrize("metric", [lambda: LPIPS("alex"), lambda: LPIPS("vgg"), DISTS])

@@ -116,8 +116,10 @@ def test_lora_changes_condition_token_computations_only(latents):
     with torch.no_grad():
         before = m(z_t, 0.7, z_lq, 0.2)
     qi.add_lora(m, rank=4, alpha=4)
-    with torch.no_grad():   # peft initialises B = 0: adding the LoRA changes nothing yet
-        torch.testing.assert_close(m(z_t, 0.7, z_lq, 0.2), before, rtol=0, atol=0)
+    with torch.no_grad():   # peft initialises B = 0: adding the LoRA changes nothing yet, up to rounding: each
+        # router now multiplies the two halves separately, and a matmul of half the rows may round differently
+        # (2e-7 on an AMD EPYC, bitwise equal on the first machine); the exact property is checked per layer below
+        torch.testing.assert_close(m(z_t, 0.7, z_lq, 0.2), before, rtol=0, atol=1e-6)
     _randomise_lora(m)
 
     routers = {n: mod for n, mod in m.named_modules() if isinstance(mod, qi.CondRouter)}
