@@ -1,0 +1,125 @@
+"""The shipped model's learning curve: 1-step LPIPS on the validation LR against the CPU hours spent on it.
+
+Hours are summed from each run's `metrics.jsonl` (log_every / it_s per logged window: compute time, not
+wall time, so pauses between sessions do not count) along the chain of runs that each started from the
+last one's weights. The points are the `teasr eval` results saved in train/logs/. A straight line in
+log(hours) through the recent points says how far this path is from the issue's bar at this rate.
+
+    python train/learning_curve.py            # prints the table, writes logs/learning-curve.{png,json}
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+LOGS = Path(__file__).parent / "logs"
+# (run, last step used by the next run): tiny-sad5's log holds tiny-sad3's first 1065 steps (same run folder)
+CHAIN = [("tiny-prior", 6936), ("tiny-prior2", 3921), ("tiny-sad5", 2517), ("tiny-sad8", 2002),
+         ("tiny-sad9", 400), ("tiny-sad10", 1110), ("tiny-sad11", 1592), ("tiny-sad12", None)]
+# (run, step, eval file stem in logs/: "<stem>-<degradation>.json")
+POINTS = [("tiny-prior", 410, "tiny-prior/eval-step410"), ("tiny-prior", 6936, "tiny-prior/eval-step6936"),
+          ("tiny-prior2", 3200, "tiny-prior2/eval-step3200"), ("tiny-sad5", 2517, "eval-sad5"),
+          ("tiny-sad8", 2002, "eval-sad8"), ("tiny-sad9", 400, "eval-sad9-step400"),
+          ("tiny-sad10", 500, "eval-sad10-step500"), ("tiny-sad10", 1110, "eval-sad10"),
+          ("tiny-sad11", 1592, "eval-sad11-step1592"), ("tiny-sad12", None, "eval-sad12")]
+FIT_FROM = "tiny-sad8"   # the recent rate: tiny-sad5 still carries the jump from the prior to SAD
+BAR_FRACTION = 0.75   # issue 5: three quarters of Real-ESRGAN's LPIPS gain over bicubic
+
+
+def hours_by_step(run: str) -> list[tuple[int, float]]:
+    """[(step, compute hours up to it)] of one run."""
+    out, total, last = [], 0.0, 0
+    for line in (LOGS / run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "it_s" not in r or "event" in r:
+            continue
+        if r["step"] <= last:   # a resumed run logs the steps after its checkpoint again
+            continue
+        total += (r["step"] - last) / r["it_s"] / 3600
+        last = r["step"]
+        out.append((last, total))
+    return out
+
+
+def one_step_lpips(stem: str, degrade: str) -> tuple[float, dict[str, float]] | None:
+    path = LOGS / f"{stem}-{degrade}.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    means = {m["name"]: m["means"]["lpips"] for m in res["methods"]}
+    return means["teasr 1 step"], means
+
+
+def curve(degrade: str = "realesrgan") -> list[dict]:
+    offset, start, rows = 0.0, {}, []
+    for run, last in CHAIN:
+        if not (LOGS / run / "metrics.jsonl").is_file():
+            continue
+        h = hours_by_step(run)
+        last = last or h[-1][0]
+        start[run] = (offset, h, last)
+        offset += max(hh for s, hh in h if s <= last)
+    for run, step, stem in POINTS:
+        got = one_step_lpips(stem, degrade)
+        if run not in start or got is None:
+            continue
+        base, h, last = start[run]
+        step = step or last
+        rows.append({"run": run, "step": step, "hours": round(base + max(hh for s, hh in h if s <= step), 2),
+                     "lpips": round(got[0], 4)})
+    return rows
+
+
+def log_fit(rows: list[dict]) -> tuple[float, float]:
+    """Least squares lpips = a + b log10(hours) over the points from FIT_FROM on."""
+    recent = rows[[r["run"] for r in rows].index(FIT_FROM):]
+    xs, ys = [math.log10(r["hours"]) for r in recent], [r["lpips"] for r in recent]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def main() -> None:
+    rows = curve()
+    refs = one_step_lpips("eval-val", "realesrgan")[1]   # bicubic and Real-ESRGAN x4plus on the same LR
+    control = one_step_lpips("eval-regress3", "realesrgan")[0]
+    bicubic, resrgan = refs["bicubic"], refs["realesrgan"]
+    bar = bicubic - BAR_FRACTION * (bicubic - resrgan)
+    a, b = log_fit(rows)
+    reach = 10 ** ((bar - a) / b) if b < 0 else math.inf
+    print(f"{'run':<12} {'step':>5} {'CPU h':>6} {'LPIPS':>6}")
+    for r in rows:
+        print(f"{r['run']:<12} {r['step']:>5} {r['hours']:>6.2f} {r['lpips']:>6.4f}")
+    print(f"bicubic {bicubic:.3f}, control (15 min) {control:.3f}, bar {bar:.3f}, Real-ESRGAN x4plus {resrgan:.3f}")
+    print(f"from {FIT_FROM} on: LPIPS = {a:.3f} {b:+.3f} log10(hours); the bar at ~{reach:,.0f} CPU hours on this path")
+    (LOGS / "learning-curve.json").write_text(json.dumps(
+        {"rows": rows, "bicubic": bicubic, "control": control, "bar": bar, "realesrgan": resrgan,
+         "fit": {"a": a, "b": b, "bar_hours": reach}}, indent=1))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot([r["hours"] for r in rows], [r["lpips"] for r in rows], "o-", label="teasr-tiny, 1 step")
+    for r in rows:
+        ax.annotate(r["run"].removeprefix("tiny-"), (r["hours"], r["lpips"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 4))
+    hs = [rows[[r["run"] for r in rows].index(FIT_FROM)]["hours"], min(reach, 1e4)]
+    ax.plot(hs, [a + b * math.log10(h) for h in hs], ":", color="gray", label=f"log fit from {FIT_FROM}")
+    for y, name, style in ((bicubic, "bicubic", "--"), (control, "regression control (0.25 h)", "-."),
+                           (bar, "issue 5 bar", "-"), (resrgan, "Real-ESRGAN x4plus", "--")):
+        ax.axhline(y, ls=style, lw=1, color="k" if name == "issue 5 bar" else "gray")
+        ax.text(rows[0]["hours"], y + 0.005, name, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU hours of training (2 cores), cumulative along the shipped chain")
+    ax.set_ylabel("LPIPS-alex, realesrgan LR, 8 val crops")
+    ax.set_title("teasr-tiny: 1-step LPIPS against training time", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(LOGS / "learning-curve.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
