@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 
 LOGS = Path(__file__).parent / "logs"
-# (run, last step used: the step the next run started from, or the step evaluated): tiny-sad5's log holds tiny-sad3's first 1065 steps (same run folder)
+# (run, the step the next run started from or the last one evaluated); tiny-sad5's log holds tiny-sad3's 1065 steps
+# (one run folder); tiny-sad13 branched off tiny-sad11 like tiny-sad12 and is left out
 CHAIN = [("tiny-prior", 6936), ("tiny-prior2", 3921), ("tiny-sad5", 2517), ("tiny-sad8", 2002),
          ("tiny-sad9", 400), ("tiny-sad10", 1110), ("tiny-sad11", 1592), ("tiny-sad12", 1313)]
 # (run, step, eval file stem in logs/: "<stem>-<degradation>.json")
