@@ -1,7 +1,7 @@
 """The embedded model's learning curve: 1-step LPIPS on the validation LR against the CPU hours spent on it.
 
-Hours are summed from each run's `metrics.jsonl` (log_every / it_s per logged window: compute time, not
-wall time, so pauses between sessions do not count) along the chain of runs that each started from the
+Hours are summed from each run's `metrics.jsonl` (the steps of each logged window over its it_s: compute
+time, not wall time, so pauses between sessions do not count) along the chain of runs that each started from the
 last one's weights. The points are the `teasr eval` results saved in train/logs/. A straight line in
 log(hours) through the recent points says how far this path is from the issue's bar at this rate.
 
@@ -43,13 +43,16 @@ def hours_by_step(run: str) -> list[tuple[int, float]]:
     return out
 
 
-def one_step_lpips(stem: str, degrade: str) -> tuple[float, dict[str, float]] | None:
+def hours_at(h: list[tuple[int, float]], step: int) -> float:
+    return max(hh for s, hh in h if s <= step)
+
+
+def lpips_means(stem: str, degrade: str) -> dict[str, float] | None:
+    """{method name: mean LPIPS} of one saved `teasr eval` result, None if there is none."""
     path = LOGS / f"{stem}-{degrade}.json"
     if not path.is_file():
         return None
-    res = json.loads(path.read_text())
-    means = {m["name"]: m["means"]["lpips"] for m in res["methods"]}
-    return means["teasr 1 step"], means
+    return {m["name"]: m["means"]["lpips"] for m in json.loads(path.read_text())["methods"]}
 
 
 def curve(degrade: str = "realesrgan") -> list[dict]:
@@ -57,20 +60,19 @@ def curve(degrade: str = "realesrgan") -> list[dict]:
     for run, last in CHAIN:
         h = hours_by_step(run)
         start[run] = (offset, h)
-        offset += max(hh for s, hh in h if s <= last)
+        offset += hours_at(h, last)
     for run, step, stem in POINTS:
-        got = one_step_lpips(stem, degrade)
-        if got is None:
+        means = lpips_means(stem, degrade)
+        if means is None:
             continue
         base, h = start[run]
-        rows.append({"run": run, "step": step, "hours": round(base + max(hh for s, hh in h if s <= step), 2),
-                     "lpips": round(got[0], 4)})
+        rows.append({"run": run, "step": step, "hours": round(base + hours_at(h, step), 2),
+                     "lpips": round(means["teasr 1 step"], 4)})
     return rows
 
 
-def log_fit(rows: list[dict]) -> tuple[float, float]:
-    """Least squares lpips = a + b log10(hours) over the points from FIT_FROM on."""
-    recent = rows[[r["run"] for r in rows].index(FIT_FROM):]
+def log_fit(recent: list[dict]) -> tuple[float, float]:
+    """Least squares lpips = a + b log10(hours)."""
     xs, ys = [math.log10(r["hours"]) for r in recent], [r["lpips"] for r in recent]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
@@ -79,11 +81,12 @@ def log_fit(rows: list[dict]) -> tuple[float, float]:
 
 def main() -> None:
     rows = curve()
-    refs = one_step_lpips("eval-val", "realesrgan")[1]   # bicubic and Real-ESRGAN x4plus on the same LR
-    control = one_step_lpips("eval-regress3", "realesrgan")[0]
+    refs = lpips_means("eval-val", "realesrgan")   # bicubic and Real-ESRGAN x4plus on the same LR
+    control = lpips_means("eval-regress3", "realesrgan")["teasr 1 step"]
     bicubic, resrgan = refs["bicubic"], refs["realesrgan"]
     bar = bicubic - BAR_FRACTION * (bicubic - resrgan)
-    a, b = log_fit(rows)
+    recent = rows[[r["run"] for r in rows].index(FIT_FROM):]
+    a, b = log_fit(recent)
     reach = 10 ** ((bar - a) / b) if b < 0 else math.inf
     print(f"{'run':<12} {'step':>5} {'CPU h':>6} {'LPIPS':>6}")
     for r in rows:
@@ -104,7 +107,7 @@ def main() -> None:
         ax.annotate(f'{r["run"].removeprefix("tiny-")}@{r["step"]}', (r["hours"], r["lpips"]), fontsize=6,
                     rotation=45 if i % 2 else -45, textcoords="offset points", xytext=(2, 5 if i % 2 else -5),
                     va="bottom" if i % 2 else "top")
-    hs = [rows[[r["run"] for r in rows].index(FIT_FROM)]["hours"], min(reach, 1e4)]
+    hs = [recent[0]["hours"], min(reach, 1e4)]
     ax.plot(hs, [a + b * math.log10(h) for h in hs], ":", color="gray", label=f"log fit from {FIT_FROM}")
     for y, name, style in ((bicubic, "bicubic", "--"), (control, "regression control (0.25 h)", "-."),
                            (bar, "issue 5 bar", "-"), (resrgan, "Real-ESRGAN x4plus", "--")):
