@@ -3,7 +3,7 @@ model, and one 400x300 region side by side with plain bicubic (left), to look fo
 and tile seams at full size. It also prints a number for the token grid: the mean absolute step between
 neighbouring pixels across 16-px token borders over that within tokens (1.0: no grid), and the same for 4 px.
 
-    python train/seam_check.py --model train/checkpoints/tiny-sad2-step1383 --out crop.png [--steps 1]
+    python train/seam_check.py --model teasr_cli/weights --out crop.png [--steps 1]
 """
 import argparse
 from pathlib import Path
