@@ -7,8 +7,8 @@ import torch.nn as nn
 from teasr_cli.errors import TeasrError
 from teasr_cli.model import LORA_TARGETS, CondLoRALinear
 
-# Modules that only ever see condition tokens: trained in full alongside the LoRA
-COND_ONLY = ("c_embedder.", "t2_embedder.")
+# Modules that only ever see the condition path (tokens, or the hybrid's LQ conv trunk): trained in full beside the LoRA
+COND_ONLY = ("c_embedder.", "t2_embedder.", "trunk.")
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: str = LORA_TARGETS) -> nn.Module:

@@ -39,6 +39,15 @@ class DiTConfig:
     # prior changes nothing until it is trained.
     head_channels: int = 0
     head_depth: int = 2
+    # Hybrid form (trunk_channels > 0; DESIGN section 2, issue 18). On a CPU quality per FLOP comes from 3x3 convs
+    # at latent (= LR) resolution, so conv trunks do the local work and the DiT over coarse tokens adds global
+    # context: a residual conv body on the condition latent (FiLM from t_tar), a stem on the noise latent (FiLM
+    # from t_cur), the dual-branch DiT over patches of their features, and a conv decoder with skips from both
+    # (FiLM from t_cur). depth = 0 leaves the DiT out: the conv-only control of the equal-compute study.
+    trunk_channels: int = 0
+    trunk_depth: int = 8
+    stem_depth: int = 1
+    decoder_depth: int = 2
     cond_lora_rank: int = 0       # > 0: exported condition-branch LoRA (plain modules, no peft needed)
     cond_lora_alpha: float = 0.0
 
@@ -236,6 +245,38 @@ class ConvHead(nn.Module):
         return out + self.out(F.gelu(h))
 
 
+def conv3x3(i: int, o: int) -> nn.Conv2d:
+    return nn.Conv2d(i, o, 3, padding=1, padding_mode="replicate")   # replicate: a tile border looks like an image's
+
+
+class FiLMResBlock(nn.Module):
+    """h + conv(gelu(FiLM(conv(h)))), FiLM from one time embedding: the conv-feature form of adaLN."""
+
+    def __init__(self, width: int, cond_dim: int):
+        super().__init__()
+        self.conv1, self.conv2 = conv3x3(width, width), conv3x3(width, width)
+        self.film = nn.Linear(cond_dim, 2 * width)   # zero-initialised: starts unmodulated
+
+    def forward(self, h, c):
+        shift, scale = self.film(F.silu(c))[:, :, None, None].chunk(2, dim=1)
+        return h + self.conv2(F.gelu(self.conv1(h) * (1 + scale) + shift))
+
+
+class ConvTrunk(nn.Module):
+    """conv in -> `depth` FiLM residual blocks, all at latent resolution, modulated by one time."""
+
+    def __init__(self, in_ch: int, width: int, depth: int, cond_dim: int):
+        super().__init__()
+        self.inp = conv3x3(in_ch, width)
+        self.blocks = nn.ModuleList(FiLMResBlock(width, cond_dim) for _ in range(depth))
+
+    def forward(self, x, c):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, c)
+        return h
+
+
 class TeasrDiT(nn.Module):
     """v = model(z_t, t_cur, z_lq, t_tar): velocity (eps - z0) for latents of any size."""
 
@@ -243,14 +284,24 @@ class TeasrDiT(nn.Module):
         super().__init__()
         self.config = c = config
         assert c.hidden_size % c.num_heads == 0 and (c.hidden_size // c.num_heads) % 4 == 0, "head_dim must be a multiple of 4 (2-D RoPE)"
+        assert c.depth or c.trunk_channels, "a model needs DiT blocks (depth) or conv trunks (trunk_channels)"
         assert c.prediction in ("v", "x0"), f"prediction must be 'v' or 'x0', not {c.prediction!r}"
-        patch_dim = c.latent_channels * c.patch_size ** 2
-        self.x_embedder = nn.Linear(patch_dim, c.hidden_size)    # noise branch input
-        self.c_embedder = nn.Linear(patch_dim, c.hidden_size)    # condition branch input (LQ latent)
-        self.t_embedder = TimestepEmbedder(c.hidden_size)        # t_cur -> noise-token modulation
-        self.t2_embedder = TimestepEmbedder(c.hidden_size)       # t_tar -> condition-token modulation
-        self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
-        self.final_layer = FinalLayer(c.hidden_size, patch_dim)
+        width = c.trunk_channels or c.latent_channels            # what the tokens are patches of
+        patch_dim = width * c.patch_size ** 2
+        # (registration order fixes the initialisation's random draws: keep it)
+        if c.depth:
+            self.x_embedder = nn.Linear(patch_dim, c.hidden_size)    # noise branch input
+            self.c_embedder = nn.Linear(patch_dim, c.hidden_size)    # condition branch input
+        self.t_embedder = TimestepEmbedder(c.hidden_size)        # t_cur -> noise-path modulation
+        self.t2_embedder = TimestepEmbedder(c.hidden_size)       # t_tar -> condition-path modulation
+        if c.depth:
+            self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
+            self.final_layer = FinalLayer(c.hidden_size, patch_dim)
+        if c.trunk_channels:
+            self.trunk = ConvTrunk(c.latent_channels, width, c.trunk_depth, c.hidden_size)   # condition path
+            self.stem = ConvTrunk(c.latent_channels, width, c.stem_depth, c.hidden_size)     # noise path
+            self.decoder = ConvTrunk((3 if c.depth else 2) * width, width, c.decoder_depth, c.hidden_size)
+            self.decoder_out = conv3x3(width, c.latent_channels)
         self.head = ConvHead(c.latent_channels, c.head_channels, c.head_depth, c.hidden_size) if c.head_channels else None
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -268,10 +319,13 @@ class TeasrDiT(nn.Module):
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         self.t2_embedder.load_state_dict(self.t_embedder.state_dict())   # temb2 starts as a copy of temb
         # adaLN-Zero: every block starts as the identity and the model outputs zero velocity
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zero = [m for m in self.modules() if isinstance(m, FiLMResBlock)]
+        zero = [b.adaLN_modulation[-1] for b in getattr(self, "blocks", [])] + [b.film for b in zero]
+        if self.config.depth:
+            zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.config.trunk_channels:
+            zero.append(self.decoder_out)   # the hybrid starts as the bicubic latent (x0) or zero velocity (v)
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         if self.head is not None:
@@ -284,7 +338,7 @@ class TeasrDiT(nn.Module):
         return z.reshape(B, (H // p) * (W // p), C * p * p)
 
     def unpatchify(self, x, h, w):
-        p, C = self.config.patch_size, self.config.latent_channels
+        p, C = self.config.patch_size, self.config.trunk_channels or self.config.latent_channels
         x = x.reshape(x.shape[0], h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(x.shape[0], C, h * p, w * p)
 
@@ -302,11 +356,35 @@ class TeasrDiT(nn.Module):
             z_t = F.pad(z_t, (0, pw, 0, ph), mode="replicate")
             z_lq = F.pad(z_lq, (0, pw, 0, ph), mode="replicate")
         h, w = (H + ph) // p, (W + pw) // p
-        n = h * w
-        x = torch.cat([self.x_embedder(self.patchify(z_t)), self.c_embedder(self.patchify(z_lq))], dim=1)  # (B, 2n, D)
         c_noise = self.t_embedder(self._times(t_cur, B, z_t.device))        # (B, D)
         c_cond = self.t2_embedder(self._times(t_tar, B, z_t.device))        # (B, D)
-        cos, sin = rope_2d(h, w, self.config.hidden_size // self.config.num_heads, self.config.rope_theta, z_t.device)
+        if self.config.trunk_channels:
+            f_t, f_lq = self.stem(z_t, c_noise), self.trunk(z_lq, c_cond)   # (B, width, H', W') each
+            skips = [f_t, f_lq]
+            if self.config.depth:
+                skips.insert(0, self.tokens(f_t, f_lq, c_noise, c_cond, h, w))
+            out = self.decoder_out(F.gelu(self.decoder(torch.cat(skips, dim=1), c_noise)))
+        else:
+            out = self.tokens(z_t, z_lq, c_noise, c_cond, h, w)
+        if self.head is not None:
+            out = self.head(out, z_t, z_lq, c_noise)
+        out = out[:, :, :H, :W]
+        if self.config.prediction == "x0":
+            t_c, t_t = self._times(t_cur, B, z_t.device), self._times(t_tar, B, z_t.device)
+            # a jump (|t_tar| < t_cur) divides by t_cur itself, so an Euler step lands exactly on the predicted x0
+            # at any step count (steps below t_min come with N > 1/t_min). Training keeps the clamp: its loss
+            # targets must stay bounded as t -> 0.
+            t = t_c.clamp(min=self.config.t_min)
+            if not self.training:
+                t = torch.where(t_t.abs() < t_c, t_c, t)
+            return (z_t[:, :, :H, :W] - (z_lq[:, :, :H, :W] + out)) / t.view(-1, 1, 1, 1)
+        return out
+
+    def tokens(self, x_t, x_lq, c_noise, c_cond, h, w):
+        """The dual-branch DiT on (h, w) patches of noise-path and condition-path maps; returns the noise-path map."""
+        n = h * w
+        x = torch.cat([self.x_embedder(self.patchify(x_t)), self.c_embedder(self.patchify(x_lq))], dim=1)  # (B, 2n, D)
+        cos, sin = rope_2d(h, w, self.config.hidden_size // self.config.num_heads, self.config.rope_theta, x.device)
         cos, sin = cos.repeat(2, 1).to(x.dtype), sin.repeat(2, 1).to(x.dtype)   # condition tokens reuse the noise positions
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
@@ -314,14 +392,7 @@ class TeasrDiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, last, use_reentrant=False)
             else:
                 x = block(x, c_noise, c_cond, cos, sin, n, last)
-        out = self.unpatchify(self.final_layer(x, c_noise), h, w)   # the noise tokens carry v
-        if self.head is not None:
-            out = self.head(out, z_t, z_lq, c_noise)
-        out = out[:, :, :H, :W]
-        if self.config.prediction == "x0":
-            t = self._times(t_cur, B, z_t.device).clamp(min=self.config.t_min).view(-1, 1, 1, 1)
-            return (z_t[:, :, :H, :W] - (z_lq[:, :, :H, :W] + out)) / t
-        return out
+        return self.unpatchify(self.final_layer(x, c_noise), h, w)   # the noise tokens carry the output
 
 
 # ---------------------------------------------------------------------------------------------
