@@ -236,6 +236,8 @@ def train(
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (GPU)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     threads: Optional[int] = ThreadsOpt,
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0, help="Stop (checkpoint + export) after this much wall time."),
+    max_cpu_minutes: Optional[float] = typer.Option(None, "--max-cpu-minutes", min=0, help="Stop (checkpoint + export) after this much process CPU time, summed over resumes."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     export: Optional[Path] = typer.Option(None, "--export", help="Export a run (or one ckpt-*) to a plain model folder given by -o."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where --export writes the model folder."),
@@ -276,6 +278,9 @@ def train(
                                            gradient_checkpointing=gradient_checkpointing)
         if steps is not None:
             cfg.steps = steps
+        for k, v in (("max_minutes", max_minutes), ("max_cpu_minutes", max_cpu_minutes)):
+            if v is not None:   # also on --resume: a new session brings a new budget
+                setattr(cfg, k, v)
         from teasr_cli.data import list_images
         list_images(cfg.data)   # a bad --data fails here, before any progress bar
     except TeasrError as e:

@@ -57,6 +57,11 @@ class TrainConfig:
     sample_every: int = 500              # sample grid PNG (0 = off)
     lpips: str = "alex"                  # LPIPS net for the data loss ("" = MSE only)
     threads: int | None = None
+    # Time budgets (0 = none): the run stops after the step that crosses one, with a checkpoint and an export,
+    # so equal-compute studies and bounded GPU bursts are one command. CPU time is summed over resumes and
+    # counts what the process used, so a run on a shared machine is not cut short by the others' load.
+    max_minutes: float = 0.0
+    max_cpu_minutes: float = 0.0
     sad: SADConfig = field(default_factory=SADConfig)
 
     @classmethod
@@ -184,10 +189,12 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     if cfg.stage == "sad":
         from teasr_cli.lora import add_lora
         add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.train_head:
-            if getattr(model, "head", None) is None:
-                raise TeasrError(f"train_head needs a model with a conv head; {cfg.init} has none")
-            model.head.requires_grad_(True)
+        if cfg.train_head:   # the conv layers after the DiT: the plain form's head, the hybrid's decoder
+            heads = [getattr(model, k, None) for k in ("head", "decoder", "decoder_out")]
+            if not any(heads):
+                raise TeasrError(f"train_head needs a model with a conv head or decoder; {cfg.init} has none")
+            for m in filter(None, heads):
+                m.requires_grad_(True)
     else:
         model.requires_grad_(True)
     model.train()   # load_pretrained gives eval(); gradient checkpointing only runs in training mode
@@ -395,6 +402,9 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     sums: dict = {}
     t0, logged_at = time.time(), step
+    wall0, cpu0 = time.time(), time.process_time() - prior_cpu_seconds(run, step)
+    over_budget = lambda: ((cfg.max_minutes and time.time() - wall0 >= 60 * cfg.max_minutes)  # noqa: E731
+                           or (cfg.max_cpu_minutes and time.process_time() - cpu0 >= 60 * cfg.max_cpu_minutes))
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
             first = (step * cfg.grad_accum + micro) * cfg.batch_size * acc.num_processes + acc.process_index * cfg.batch_size
@@ -427,7 +437,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
                 dt = time.time() - t0
                 rec = {"step": step, **{k: v / (step - logged_at) for k, v in sums.items()},
                        "lr": sched.get_last_lr()[0], "it_s": (step - logged_at) / max(dt, 1e-9),
-                       "samples_s": (step - logged_at) * per_step / max(dt, 1e-9), "skipped_images": len(images.skipped)}
+                       "samples_s": (step - logged_at) * per_step / max(dt, 1e-9), "skipped_images": len(images.skipped),
+                       "cpu_s": round(time.process_time() - cpu0, 1)}
                 _log(run, rec, callback)
                 sums, t0, logged_at = {}, time.time(), step
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -435,17 +446,32 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
         acc.wait_for_everyone()
+        if over_budget():   # a finished run: checkpoint and export as at the last step
+            if acc.is_main_process:
+                if step % cfg.ckpt_every and step != cfg.steps:
+                    save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
+                _log(run, {"event": "budget", "step": step, "cpu_s": round(time.process_time() - cpu0, 1)}, callback)
+            break
         if stop is not None and stop():   # e.g. Ctrl-C: keep the work done so far, --resume continues from here
             if acc.is_main_process and step % cfg.ckpt_every:
                 save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
             break
     out = run / "model"
-    if acc.is_main_process and step >= cfg.steps:
+    if acc.is_main_process and (step >= cfg.steps or over_budget()):
         export_model(model, mcfg, out, ema, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}})
         _log(run, {"event": "export", "step": step, "model": str(out)}, callback)
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def prior_cpu_seconds(run: Path, step: int) -> float:
+    """CPU seconds the earlier sessions of this run spent up to `step` (the last `cpu_s` logged by then)."""
+    log = run / "metrics.jsonl"
+    if not step or not log.exists():
+        return 0.0
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()]
+    return max((r["cpu_s"] for r in recs if "cpu_s" in r and r.get("step", 0) <= step), default=0.0)
 
 
 def _truncate_log(run: Path, step: int):
