@@ -10,6 +10,7 @@ import shutil
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from teasr_cli.degrade import LR_KINDS
 from teasr_cli.errors import TeasrError
+from teasr_cli.loader import batch_stream
 from teasr_cli.model import DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
 from teasr_cli.sad import SADConfig, draw_sample, sad_losses
 
@@ -57,6 +59,7 @@ class TrainConfig:
     sample_every: int = 500              # sample grid PNG (0 = off)
     lpips: str = "alex"                  # LPIPS net for the data loss ("" = MSE only)
     threads: int | None = None
+    workers: int = 0                     # data-loading processes (0 = the main process); batches do not depend on it
     # Time budgets (0 = none): the run stops after the step that crosses one, with a checkpoint and an export,
     # so equal-compute studies and bounded GPU bursts are one command. CPU time is summed over resumes and
     # counts what the process used, so a run on a shared machine is not cut short by the others' load.
@@ -405,10 +408,11 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     wall0, cpu0 = time.time(), time.process_time() - prior_cpu_seconds(run, step)
     over_budget = lambda: ((cfg.max_minutes and time.time() - wall0 >= 60 * cfg.max_minutes)  # noqa: E731
                            or (cfg.max_cpu_minutes and time.process_time() - cpu0 >= 60 * cfg.max_cpu_minutes))
+    batches = batch_stream(partial(make_batch, images, cfg, latent_shape=latent_shape), cfg.batch_size,
+                           step * cfg.grad_accum, acc.num_processes, acc.process_index, cfg.workers, acc.device)
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
-            first = (step * cfg.grad_accum + micro) * cfg.batch_size * acc.num_processes + acc.process_index * cfg.batch_size
-            hq, lq, draws = make_batch(images, cfg, first, cfg.batch_size, latent_shape, acc.device)
+            hq, lq, draws = next(batches)
             with acc.accumulate(dmodel), acc.autocast():
                 x0 = hq * 2 - 1
                 up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
