@@ -440,6 +440,31 @@ def models():
     Console().print(table)
 
 
+@app.command(epilog="""[bold]Examples[/]\n
+  teasr serve                                   [dim]# then open http://127.0.0.1:7860/[/]\n
+  teasr serve --port 8000 --device cuda""")
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback is reachable by others (no authentication)."),
+    port: int = typer.Option(7860, "--port", "-p", min=0, max=65535, help="Port (0: any free port)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name, folder or Hub repo (default: the embedded model)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, bf16 or fp16 (GPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch (default: all cores)."),
+    max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse uploads with more pixels than this."),
+):
+    """Start the local web app: upscale photos, compare before/after, download."""
+    try:
+        from teasr_cli import serve as webapp
+    except ImportError as e:
+        fail(f"teasr serve needs the web extra ({e.name or e} is missing): pip install 'teasr[serve]'")
+    try:
+        webapp.run(webapp.ServeConfig(host, port, model, device, dtype, threads, max_pixels),
+                   say=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
+                   warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True))
+    except TeasrError as e:
+        fail(str(e))
+
+
 def main():
     warnings.showwarning = _warn
     try:

@@ -179,8 +179,14 @@ class Upscaler:
 
     @torch.no_grad()
     def upscale_tensor(self, lq: torch.Tensor, settings: UpscaleSettings | None = None,
-                       callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """lq: (1, 3, h, w) RGB in [0, 1] -> (1, 3, scale*h, scale*w) in [0, 1]."""
+                       callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                       tile_callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """lq: (1, 3, h, w) RGB in [0, 1] -> (1, 3, scale*h, scale*w) in [0, 1].
+
+        callback(i, n, z) follows each sampling step; tile_callback(done, total) each model call, counted in
+        tiles over the whole run (anchor pass included), so a big photo's progress moves and can be stopped
+        between tiles (an exception raised by either callback ends the run).
+        """
         s = settings or UpscaleSettings()
         if s.color_fix not in COLOR_FIXES:
             raise TeasrError(f"unknown colour fix {s.color_fix!r}; use one of {', '.join(COLOR_FIXES)}")
@@ -203,9 +209,20 @@ class Upscaler:
         if tile < 2 * self.patch:
             raise TeasrError(f"--tile {tile} is too small; use at least {2 * self.patch} (latent pixels)")
 
+        done = 0
+
+        def counted(z, t_cur, z_lq, t_tar, steps):
+            nonlocal done
+            v = self._velocity(z, t_cur, z_lq, t_tar, steps)
+            if tile_callback is not None:
+                done += z.shape[0] // lq.shape[0]   # tiles in this model call
+                tile_callback(done, n_tiles * total)
+            return v
+
         def velocity(steps):
-            return TiledVelocity(partial(self._velocity, steps=steps if s.grid_shift else 1), tile,
+            return TiledVelocity(partial(counted, steps=steps if s.grid_shift else 1), tile,
                                  min(overlap, tile - 1), s.tile_batch or (4 if self.device.type == "cpu" else 1))
+        n_tiles = len(velocity(1).grid(Hl, Wl)[0])
         # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
         noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         anchor = s.anchor and s.steps > 1 and not s.fidelity   # the fidelity projection replaces the same band
@@ -234,11 +251,11 @@ class Upscaler:
         out = out[..., : h * self.scale, : w * self.scale]
         return out.clamp_(-1, 1).add_(1).mul_(0.5).cpu()
 
-    def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None):
+    def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None, tile_callback=None):
         """imageio.Picture in, Picture out (alpha, grayscale, 16-bit and metadata carried along)."""
         from teasr_cli.imageio import replace_pixels
 
-        rgb = self.upscale_tensor(pic.rgb.unsqueeze(0), settings, callback)[0]
+        rgb = self.upscale_tensor(pic.rgb.unsqueeze(0), settings, callback, tile_callback)[0]
         return replace_pixels(pic, rgb)
 
     def __call__(self, image, steps: int = 1, seed: int = 0, callback=None, **kwargs):
