@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import silent_tqdm, validate_repo_id
+from huggingface_hub.utils import get_session, silent_tqdm, validate_repo_id
 
 from . import __version__
 from .errors import ModelError
@@ -42,6 +43,7 @@ MODEL_FILES = ("config.json", "model.safetensors")
 OPTIONAL_FILES = ("README.md",)
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _REPO_HINT = "a Hub repo id 'org/name' or 'org/name@revision'"
+PROBE_TIMEOUT = 3.0  # seconds; a reachable Hub answers far sooner
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,12 @@ def _download(repo_id: str, revision: str | None, cache_dir, progress: bool) -> 
         library_version=__version__,
         tqdm_class=None if progress else silent_tqdm,
     )
+    cached_commit = _COMMIT_RE.fullmatch(revision or "") and isinstance(
+        try_to_load_from_cache(repo_id, MODEL_FILES[0], cache_dir=cache_dir, revision=revision), str
+    )
+    # Without a network huggingface_hub retries each request with back-off for ~30 s, logging every retry:
+    # one bounded probe first, and the cache alone (or a fast, clear error) when the Hub is unreachable.
+    kw["local_files_only"] = not constants.is_offline_mode() and not cached_commit and not hub_reachable()
     folder, rev = None, revision
     for filename in MODEL_FILES:
         try:
@@ -176,6 +184,26 @@ def _download(repo_id: str, revision: str | None, cache_dir, progress: bool) -> 
     if missing := _missing(folder):  # all files of one commit share a snapshot folder; guard the assumption
         raise ModelError(f"cached Hub model '{where}' at {folder} lacks {', '.join(missing)}; delete it and retry")
     return folder
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether the Hub endpoint answers one HEAD request (any status) within `timeout` seconds.
+
+    Run in a thread so that a slow name lookup, which no socket timeout covers, is bounded too.
+    """
+    answered = threading.Event()
+
+    def probe():
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            answered.set()
+        except Exception:  # refused, no route, no DNS, TLS failure: all mean unreachable here
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return answered.is_set()
 
 
 def _hub_error(err: Exception, repo_id: str, revision: str | None, filename: str) -> ModelError:

@@ -131,6 +131,22 @@ def test_unreachable_hub_uses_warm_cache_and_explains_a_cold_one(monkeypatch, tm
     assert "HF_HUB_OFFLINE" not in msg
 
 
+def test_unreachable_hub_fails_fast_without_retry_lines(monkeypatch, tmp_path, caplog):
+    # A port nothing listens on: connection refused, as on a machine with no network. Real time, no patched sleep.
+    with serve_hub(REPOS) as (endpoint, _):
+        pass
+    point_hub_at(monkeypatch, endpoint, tmp_path / "hf-cache")
+    t0 = time.monotonic()
+    msg = _one_line_error("org/name", "not in the local cache", "cannot be reached")
+    assert time.monotonic() - t0 < 5, msg
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert not hub.hub_reachable()
+
+
+def test_probe_sees_a_live_hub(fake_hub):
+    assert hub.hub_reachable()
+
+
 # --- local folders, names, the embedded model -----------------------------------------------
 
 
