@@ -456,7 +456,7 @@ def serve(
     try:
         from teasr_cli import serve as webapp
     except ImportError as e:
-        fail(f"teasr serve needs the web extra ({e.name or e} is missing): pip install 'teasr[serve]'")
+        fail(f"teasr serve needs the web extra ({(e.name or str(e)).split('.')[0]} is missing): pip install 'teasr\\[serve]'")
     try:
         webapp.run(webapp.ServeConfig(host, port, model, device, dtype, threads, max_pixels),
                    say=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
