@@ -154,6 +154,7 @@ def open_page(driver, url):
 def submit(driver, *files, steps=1):
     """Pick files, set the steps, press Upscale; returns the new job cards (newest first, like the list)."""
     before = len(driver.find_elements(By.CSS_SELECTOR, ".job"))
+    driver.execute_script("document.getElementById('file-input').value = ''")   # chromedriver adds to a multiple input
     driver.find_element(By.ID, "file-input").send_keys("\n".join(str(f) for f in files))
     driver.execute_script("const s = document.getElementById('steps'); s.value = arguments[0];"
                           "s.dispatchEvent(new Event('input'));", steps)
