@@ -1,4 +1,4 @@
-"""Shared helpers: input checks, BT.601 luma, and the shipped weight files."""
+"""Shared helpers: input checks, BT.601 luma, and the weight files (shipped, or fetched once)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ModelError, TeasrError
+from .sources import FETCHED
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -40,7 +41,7 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=None)
 def _load(name: str) -> dict[str, torch.Tensor]:
-    path = WEIGHTS_DIR / f"{name}.safetensors"
+    path = FETCHED[name]() if name in FETCHED else WEIGHTS_DIR / f"{name}.safetensors"
     if not path.is_file():
         raise ModelError(f"metric weights {path} are missing: reinstall teasr or run "
                          "scripts/convert_metric_weights.py")
@@ -48,5 +49,5 @@ def _load(name: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights(name: str, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-    """Tensors of a shipped weight file (cached; fp16 files are upcast to compute in fp32)."""
+    """Tensors of a weight file (cached in memory; fp16 files are upcast to compute in fp32)."""
     return {k: (v if dtype is None else v.to(dtype)) for k, v in _load(name).items()}
