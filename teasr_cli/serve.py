@@ -348,8 +348,8 @@ def run(cfg: ServeConfig, say: Callable[[str], None], warn: Callable[[str], None
             server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                                    timeout_graceful_shutdown=2))
             # uvicorn catches SIGINT/SIGTERM, shuts down, then re-raises the signal with the handler found
-            # before it: make that one raise, so the cleanup below runs for a `kill` as for a Ctrl-C
-            previous = signal.signal(signal.SIGTERM, _interrupt)
+            # before it: make that one raise KeyboardInterrupt, so a `kill` stops as a Ctrl-C does (exit 0)
+            previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
             queue.start()
             say(f"teasr serve: open {url}  (model {info['model']} on {info['device']}; Ctrl-C stops)")
             say(f"files are kept in {tmp} until exit")
@@ -358,7 +358,8 @@ def run(cfg: ServeConfig, say: Callable[[str], None], warn: Callable[[str], None
             except KeyboardInterrupt:
                 pass
             finally:
-                signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
                 queue.stop()
         say("stopped; temp folder removed")
     finally:

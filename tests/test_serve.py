@@ -72,14 +72,15 @@ class Server:
         """(status, JSON) of one API call."""
         url = self.url + path.lstrip("/") + ("?" + urllib.parse.urlencode(params) if params else "")
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")) as r:
+            req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+            with urllib.request.urlopen(req) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def stop(self):
-        """Ctrl-C: the process ends on its own, exit 0, its temp folder gone."""
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self, sig=signal.SIGINT):
+        """Ctrl-C (or a kill): the process ends on its own; returns its exit code."""
+        self.proc.send_signal(sig)
         rc = self.proc.wait(timeout=60)
         rest = []
         while (line := self.lines.get(timeout=10)) is not None:
@@ -107,11 +108,20 @@ def cli_upscale(src: Path, out: Path, steps: int) -> bytes:
     return out.read_bytes()
 
 
+def until(fn, timeout=120):
+    """Poll fn() until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := fn()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
 @pytest.fixture(scope="module")
 def server():
     s = Server()
     yield s
-    rc = s.stop()
+    rc = s.stop(signal.SIGTERM)   # a kill cleans up as Ctrl-C does (tested below)
     assert rc == 0 and "stopped; temp folder removed" in s.log[-1], s.log
     assert not s.tmp.exists()
     assert not any("Traceback" in line for line in s.log), s.log
@@ -151,15 +161,14 @@ def open_page(driver, url):
     wait(driver, lambda d: d.find_element(By.ID, "model-info").text, what="the model line")
 
 
-def submit(driver, *files, steps=1):
-    """Pick files, set the steps, press Upscale; returns the new job cards (newest first, like the list)."""
-    before = len(driver.find_elements(By.CSS_SELECTOR, ".job"))
+def submit(driver, *files, steps=1, run=True):
+    """Pick files, set the steps and (with run) press Upscale."""
     driver.execute_script("document.getElementById('file-input').value = ''")   # chromedriver adds to a multiple input
     driver.find_element(By.ID, "file-input").send_keys("\n".join(str(f) for f in files))
     driver.execute_script("const s = document.getElementById('steps'); s.value = arguments[0];"
                           "s.dispatchEvent(new Event('input'));", steps)
-    driver.find_element(By.ID, "run").click()
-    return before
+    if run:
+        driver.find_element(By.ID, "run").click()
 
 
 def cards(driver):
@@ -190,7 +199,8 @@ def test_tile_callback_counts_every_tile_of_every_pass_and_can_stop_the_run(tiny
     up = Upscaler.from_pretrained(str(tiny_model_dir), device="cpu")
     calls = []
     lq = torch.rand(1, 3, 40, 48)
-    up.upscale_tensor(lq, UpscaleSettings(steps=3, tile=8, tile_batch=3), tile_callback=lambda d, n: calls.append((d, n)))
+    up.upscale_tensor(lq, UpscaleSettings(steps=3, tile=8, tile_batch=3),
+                      tile_callback=lambda d, n: calls.append((d, n)))
     n_tiles = len(TiledVelocity(None, 8, 2).grid(40, 48)[0])   # the tiny model's latent is the input's size
     assert n_tiles > 3
     total = n_tiles * 4                                    # 3 steps and the anchor pass
@@ -215,24 +225,21 @@ def test_api_refuses_bad_settings_and_unknown_jobs(server, photos):
     assert status == 400 and "empty" in data["error"] and str(server.tmp) not in data["error"]
 
 
-def test_ctrl_c_and_kill_stop_cleanly_mid_job_and_a_public_bind_warns(photos):
+def test_cancel_then_ctrl_c_mid_job_stops_cleanly_and_a_public_bind_warns(photos):
     s = Server("--host", "0.0.0.0")
     assert any("warning:" in line and "no authentication" in line for line in s.log), s.log
     assert s.url.startswith("http://127.0.0.1:")
     body = (photos / "astronaut.png").read_bytes()
     # a running job can be cancelled; the next one runs
     _, job = s.api("/api/jobs", body, name="astronaut.png", session="t", steps=8)
-    while (j := s.api(f"/api/jobs/{job['id']}")[1])["state"] == "queued":
-        time.sleep(0.05)
+    until(lambda: s.api(f"/api/jobs/{job['id']}")[1]["state"] != "queued")
     assert s.api(f"/api/jobs/{job['id']}/cancel", b"")[0] == 200
-    while (j := s.api(f"/api/jobs/{job['id']}")[1])["state"] == "running":
-        time.sleep(0.05)
+    j = until(lambda: (j := s.api(f"/api/jobs/{job['id']}")[1])["state"] != "running" and j)
     assert j["state"] == "cancelled" and j["tiles"] < j["tiles_total"]
     # Ctrl-C while a job runs: exit 0, temp folder gone, no traceback
     _, job = s.api("/api/jobs", body, name="astronaut.png", session="t", steps=8)
     assert (s.tmp / job["id"]).is_dir()
-    while s.api(f"/api/jobs/{job['id']}")[1]["state"] == "queued":
-        time.sleep(0.05)
+    until(lambda: s.api(f"/api/jobs/{job['id']}")[1]["state"] != "queued")
     assert s.stop() == 0 and s.log[-1] == "stopped; temp folder removed", s.log
     assert not s.tmp.exists() and not any("Traceback" in line for line in s.log)
     # a taken port: one line, non-zero
@@ -255,8 +262,8 @@ def test_upscale_compare_zoom_and_download_in_the_browser(server, browser, photo
     assert "64×64 → 256×256 · 1 step" in card.find_element(By.CSS_SELECTOR, ".meta").text
     info = d.find_element(By.ID, "result-info").text
     assert "cat_x4.png" in info and "256×256" in info and "1 step" in info and " s" in info
-    wait(d, lambda d: d.execute_script("const a = document.getElementById('after'), b = document.getElementById('before');"
-                                       "return a.complete && b.complete && a.naturalWidth > 0"), what="the images")
+    wait(d, lambda d: d.execute_script("return after.complete && before.complete && after.naturalWidth > 0"),
+         what="the images")
     assert d.execute_script("return [after.naturalWidth, after.naturalHeight, before.naturalWidth]") == [256, 256, 64]
 
     # the download is the file `teasr upscale` writes for the same settings, byte for byte
@@ -303,12 +310,16 @@ def test_two_pages_queue_cancel_and_both_outputs_equal_the_cli(server, browser, 
     d = browser
     open_page(d, server.url)
     first = d.current_window_handle
-    submit(d, photos / "astronaut.png", steps=8)      # several seconds: the other page's jobs must wait
-    wait(d, lambda d: state(d, "astronaut.png") == "running", what="the first job to start")
     d.switch_to.new_window("window")
     open_page(d, server.url)
+    second = d.current_window_handle
     assert not cards(d)                                # a new tab is a new session: its own list
-    submit(d, photos / "cat.png", photos / "rocket.png", steps=2)
+    submit(d, photos / "cat.png", photos / "rocket.png", steps=2, run=False)
+    d.switch_to.window(first)
+    submit(d, photos / "astronaut.png", steps=8)      # a few seconds: the other page's jobs, sent now, must wait
+    wait(d, lambda d: state(d, "astronaut.png") == "running", what="the first job to start")
+    d.switch_to.window(second)
+    d.find_element(By.ID, "run").click()
     wait(d, lambda d: len(cards(d)) == 2, what="both jobs listed")
     status = {name: c.find_element(By.CSS_SELECTOR, ".status").text for name, c in cards(d).items()}
     assert status == {"cat.png": "queued: place 1 in line", "rocket.png": "queued: place 2 in line"}

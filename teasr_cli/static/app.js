@@ -72,8 +72,8 @@ function status(d) {
 
 function meta(d) {
   const s = d.settings;
-  return `${fmtSize(d.in_size)} → ${d.out_size ? fmtSize(d.out_size) : "x4"} · ${s.steps} step${s.steps > 1 ? "s" : ""}` +
-         ` · seed ${s.seed} · fidelity ${s.fidelity} · ${s.color_fix}`;
+  return `${fmtSize(d.in_size)} → ${d.out_size ? fmtSize(d.out_size) : "x4"} · ` +
+         `${s.steps} step${s.steps > 1 ? "s" : ""} · seed ${s.seed} · fidelity ${s.fidelity} · ${s.color_fix}`;
 }
 
 function update(d) {
@@ -85,7 +85,9 @@ function update(d) {
     el.innerHTML = '<div class="name"></div><progress max="1" value="0"></progress>' +
                    '<div class="status"></div><div class="meta"></div><div class="actions"></div>';
     el.querySelector(".name").textContent = el.querySelector(".name").title = d.name;
-    el.addEventListener("click", (e) => { if (jobs.get(d.id).data.state === "done" && !e.target.closest("a")) show(d.id); });
+    el.addEventListener("click", (e) => {
+      if (jobs.get(d.id).data.state === "done" && !e.target.closest("a")) show(d.id);
+    });
     $("jobs").prepend(el);
     job = { data: null, el };
     jobs.set(d.id, job);
@@ -222,6 +224,7 @@ window.addEventListener("resize", apply);
 
 // ------------------------------------------------------------------ start
 fetch("/api/info").then((r) => r.json()).then((i) => {
-  $("model-info").textContent = `model ${i.model} · ${i.device} · ${i.dtype} · up to ${(i.max_pixels / 1e6).toFixed(0)} MP`;
+  const mp = (i.max_pixels / 1e6).toFixed(0);
+  $("model-info").textContent = `model ${i.model} · ${i.device} · ${i.dtype} · up to ${mp} MP`;
 });
 poll().then(startPolling);
