@@ -34,6 +34,9 @@ from .errors import TeasrError
 BASELINES = ("bicubic", "lanczos", "realesrgan")
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
 SET_METRICS = ("fid",)   # computed over the whole set, not per image
+# FID compares 2048-d feature covariances: from a few images it is dominated by estimation bias, not quality,
+# so it is in the default list only from this many images on (asking for it by name always works)
+FID_MIN_IMAGES = 300
 PER_IMAGE = "per_image.jsonl"
 
 
@@ -123,6 +126,11 @@ def parse_steps(text: str) -> list[int]:
     if not steps or min(steps) < 1:
         raise EvalError(f"--steps {text!r}: give one or more step counts of at least 1, e.g. 1,2,4,8")
     return sorted(set(steps))
+
+
+def default_metrics(n_images: int) -> list[str]:
+    """The metrics measured when none are named: FID only where the set is big enough to mean something."""
+    return [m for m in DEFAULT_METRICS if m not in SET_METRICS or n_images >= FID_MIN_IMAGES]
 
 
 def available_metrics() -> list[str]:

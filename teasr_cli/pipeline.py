@@ -13,7 +13,7 @@ from teasr_cli.codecs import build_codec
 from teasr_cli.degrade import downscale
 from teasr_cli.errors import TeasrError
 from teasr_cli.sampler import sample
-from teasr_cli.tiling import TiledVelocity
+from teasr_cli.tiling import TiledVelocity, tile_starts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLOR_FIXES = ("wavelet", "adain", "none")
@@ -120,6 +120,11 @@ class UpscaleSettings:
     # the detail the model adds over bicubic and projects the result onto the input (downscale(out) = input)
     fidelity: float = 0.0
 
+    @property
+    def anchored(self) -> bool:
+        """Whether a 1-step anchor pass runs before the N steps (the fidelity projection replaces the same band)."""
+        return self.anchor and self.steps > 1 and not self.fidelity
+
 
 class Upscaler:
     """x4 upscaler around a velocity model `v = model(z_t, t_cur, z_lq, t_tar)` and a latent codec.
@@ -204,8 +209,8 @@ class Upscaler:
         # memory: every output-sized tensor of a big photo is large, so keep as few alive as possible
         z_lq = self.codec.encode(F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp_(-1, 1)).float()
         Hl, Wl = z_lq.shape[-2:]
-        tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device)
-        overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
+        _, _, tile, overlap = self.layout(h, w, s)
+        n_calls = self.work(h, w, s)
         if tile < 2 * self.patch:
             raise TeasrError(f"--tile {tile} is too small; use at least {2 * self.patch} (latent pixels)")
 
@@ -216,16 +221,15 @@ class Upscaler:
             v = self._velocity(z, t_cur, z_lq, t_tar, steps)
             if tile_callback is not None:
                 done += z.shape[0] // lq.shape[0]   # tiles in this model call
-                tile_callback(done, n_tiles * total)
+                tile_callback(done, n_calls)
             return v
 
         def velocity(steps):
             return TiledVelocity(partial(counted, steps=steps if s.grid_shift else 1), tile,
                                  min(overlap, tile - 1), s.tile_batch or (4 if self.device.type == "cpu" else 1))
-        n_tiles = len(velocity(1).grid(Hl, Wl)[0])
         # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
         noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
-        anchor = s.anchor and s.steps > 1 and not s.fidelity   # the fidelity projection replaces the same band
+        anchor = s.anchored
         total = s.steps + anchor
         try:
             if anchor:   # only its LR-sized downscale is kept
@@ -250,6 +254,22 @@ class Upscaler:
             out = project_to_lr_(base.lerp_(out, 1 - s.fidelity), x, self.scale)
         out = out[..., : h * self.scale, : w * self.scale]
         return out.clamp_(-1, 1).add_(1).mul_(0.5).cpu()
+
+    def layout(self, h: int, w: int, s: UpscaleSettings) -> tuple[int, int, int, int]:
+        """(latent height, latent width, tile, tile overlap) for an h x w input."""
+        m = max(1, -(-self.codec.downsample // self.scale))   # the input is padded to a multiple of m
+        Hl, Wl = ((n + (-n) % m) * self.scale // self.codec.downsample for n in (h, w))
+        tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device)
+        overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
+        return Hl, Wl, tile, min(overlap, tile - 1)
+
+    def work(self, h: int, w: int, settings: UpscaleSettings | None = None) -> int:
+        """Model calls, in tiles over every pass (the anchor pass included), that an h x w input takes: the total
+        tile_callback counts up to, known before any work so a progress bar can show it (and an ETA) at once."""
+        s = settings or UpscaleSettings()
+        Hl, Wl, tile, overlap = self.layout(h, w, s)
+        per_pass = len(tile_starts(Hl, min(tile, Hl), overlap)) * len(tile_starts(Wl, min(tile, Wl), overlap))
+        return per_pass * (s.steps + s.anchored)
 
     def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None, tile_callback=None):
         """imageio.Picture in, Picture out (alpha, grayscale, 16-bit and metadata carried along)."""

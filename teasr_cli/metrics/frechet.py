@@ -37,8 +37,11 @@ class HubFile:
 
 # A public safetensors copy of pytorch-fid's pt_inception-2015-12-05-6726825d.pth
 # (tensor-for-tensor conversion; SHA-256 as published on the repo's model card).
-# The revision is a branch name because no commit hash could be verified from
-# here; the SHA-256 check below pins the content instead.
+# The original is pytorch-fid's release asset
+# github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+# (a pickle, so we do not load it). The revision is a branch name because no commit
+# hash could be verified from a machine without a network; the SHA-256 check below
+# pins the content instead, so a changed file is refused, never used.
 FID_WEIGHTS = HubFile(
     repo_id="nikhilr01/sen-bridge-weights",
     filename="fid_inception.safetensors",
