@@ -81,6 +81,18 @@ def plan(photos: dict[str, Image.Image], budget: int, min_side: int = 256) -> tu
             raise SystemExit(f"make_pack: even small crops need {size} bytes, over the budget of {budget}")
 
 
+def skimage_photos() -> dict[str, Image.Image]:
+    import skimage.data
+
+    from prepare_photos import SKIMAGE, VAL
+    out = {}
+    for name in SKIMAGE:
+        if name not in VAL:
+            arr = getattr(skimage.data, name)()
+            out[name] = Image.fromarray(arr[0] if isinstance(arr, tuple) else arr).convert("RGB")
+    return out
+
+
 def _ignored(path: Path) -> bool:
     r = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=payload.ROOT, capture_output=True)
     return r.returncode == 0
@@ -88,7 +100,8 @@ def _ignored(path: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default="data/photos/train", help="training photos (train/prepare_photos.py's train/)")
+    ap.add_argument("--src", default="data/photos/train",
+                    help="training photos (train/prepare_photos.py's train/), or 'skimage': its sample photos alone")
     ap.add_argument("--out", default="packs/gpu", help="pack folder (must be git-ignored)")
     ap.add_argument("--budget", type=int, default=None,
                     help="bytes for the pack (default: 64 MiB - what the tree and the other carries send - 1 MiB)")
@@ -96,7 +109,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     src, out = Path(args.src), Path(args.out)
     files = sorted(f for f in src.rglob("*") if f.suffix.lower() in SUFFIXES) if src.is_dir() else []
-    if not files:
+    if args.src == "skimage":   # no apt-get needed: a small pack for CPU rehearsals (gpu_burst.sh --dry-run)
+        photos = skimage_photos()
+    elif files:
+        photos = {f.stem: Image.open(f).convert("RGB") for f in files}
+    else:
         raise SystemExit(f"make_pack: no photos in {src}; run `python train/prepare_photos.py --out data/photos` first")
     if args.budget is None:
         if not _ignored(out.resolve()):
@@ -108,7 +125,6 @@ def main(argv=None) -> int:
             raise SystemExit(f"make_pack: the tree already sends {used / 2**20:.1f} MiB; no room for a pack")
     else:
         budget = args.budget
-    photos = {f.stem: Image.open(f).convert("RGB") for f in files}
     enc, tried = plan(photos, budget)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,284 @@
+"""The CUDA checks of a GPU burst, one PASS / FAIL / SKIP line each, details in a JSON file.
+
+  upscale-fp32, upscale-bf16  `teasr upscale` on CUDA equals the CPU result in the same dtype: PSNR between the two
+                              8-bit outputs >= 45 dB (fp32: TF32 convolutions and other kernels round differently)
+                              or >= 35 dB (bf16, whose 8 mantissa bits round differently on each device)
+  sad-bf16                    8 SAD steps in bf16 autocast on one fixed batch (the burst's model and objective):
+                              the data term (the pixel anchor) goes down and no loss or weight is NaN/inf
+  accelerate-launch           `accelerate launch --num_processes 1 -m teasr_cli train` runs 3 steps and exports
+  qwen-offload                the Qwen-Image adapter, tiny random config, forward + backward on CUDA with offload
+                              none, model and sequential; SKIP without diffusers (the device has none)
+  sad-memory                  peak GPU memory of the CPU benchmark's cases (benchmarks/train_memory.json) on CUDA,
+                              recorded beside the CPU's; PASS if SAD's one backward per graph saves memory there too
+
+Without CUDA (train/gpu_burst.sh --dry-run) the CUDA checks say SKIP; those that are cheap still run their code on
+the CPU, so a broken check shows before a GPU is spent on it. accelerate-launch runs for real either way.
+
+    python train/cuda_checks.py --json $OUT/checks.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "train"))
+import gpu_train  # noqa: E402
+from teasr_cli import trainer  # noqa: E402
+
+PSNR_MIN = {"fp32": 45.0, "bf16": 35.0}
+CUDA = torch.cuda.is_available()
+
+
+class Skip(Exception):
+    pass
+
+
+def psnr8(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def photo(size: int) -> Path:
+    from PIL import Image
+    from skimage import data as skdata
+
+    path = Path(tempfile.mkdtemp(prefix="teasr-check-")) / "astronaut.png"
+    Image.fromarray(skdata.astronaut()[:256, 128:384]).resize((size, size), Image.BICUBIC).save(path)
+    return path
+
+
+def upscale_check(dtype: str, size: int):
+    """`teasr upscale` through the CLI itself (in-process), on CUDA and on the CPU."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from teasr_cli.cli import app
+
+    src = photo(size)
+    outs = {}
+    for dev in ("cuda" if CUDA else "cpu", "cpu"):
+        dst = src.with_name(f"{dev}-{dtype}-{len(outs)}.png")
+        r = CliRunner().invoke(app, ["upscale", str(src), "-o", str(dst), "--device", dev, "--dtype", dtype])
+        if r.exit_code:
+            raise RuntimeError(f"teasr upscale --device {dev} --dtype {dtype}: {r.output.strip().splitlines()[-1:]}")
+        outs[len(outs)] = np.asarray(Image.open(dst).convert("RGB"))
+    p = psnr8(outs[0], outs[1])
+    detail = {"psnr_db": p, "max_abs": int(np.abs(outs[0].astype(int) - outs[1]).max()), "min_psnr_db": PSNR_MIN[dtype],
+              "input": f"{size}x{size}"}
+    if not CUDA:
+        raise Skip(f"no CUDA (ran cpu vs cpu: PSNR {p:.1f} dB)", detail)
+    return p >= PSNR_MIN[dtype], f"PSNR {p:.1f} dB (>= {PSNR_MIN[dtype]}), max |diff| {detail['max_abs']}", detail
+
+
+def _burst_model(crop: int, batch: int):
+    """The burst's model and objective (campaign or shipped init), one fixed batch from the pack, on the device."""
+    from teasr_cli.codecs import build_codec
+    from teasr_cli.data import HQImages, list_images
+    from teasr_cli.metrics import LPIPS
+
+    dev = "cuda" if CUDA else "cpu"
+    init, campaign = gpu_train.start_point()
+    data = str(gpu_train.PACK) if gpu_train.PACK.is_dir() else str(photo(256).parent)
+    cfg = gpu_train.burst_config(gpu_train.RECIPE, init, campaign, data, "unused", 0)
+    cfg.crop = crop
+    model, mcfg = trainer.build_model(cfg)
+    codec = (getattr(model, "codec", None) or build_codec(mcfg["codec"])).to(dev)
+    lpips = LPIPS(net=cfg.lpips).to(dev).eval().requires_grad_(False) if cfg.lpips else None
+    latent = (codec.latent_channels, crop // codec.downsample, crop // codec.downsample)
+    hq, lq, draws = trainer.make_batch(HQImages(list_images(data), crop), cfg, 0, batch, latent, dev)
+    return model.to(dev), codec, lpips, cfg, hq, lq, draws
+
+
+def sad_check(steps: int = 8):
+    from teasr_cli.sad import sad_losses
+
+    crop, batch = (128, 8) if CUDA else (64, 2)
+    model, codec, lpips, cfg, hq, lq, draws = _burst_model(crop, batch)
+    sad_cfg = trainer.stage_sad_config(cfg)
+    dev = hq.device.type
+    x0 = hq * 2 - 1
+    up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+    z0, z_lq = codec.encode(x0), codec.encode(up)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=5e-4)
+    hist = []
+    for _ in range(steps if CUDA else 3):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=CUDA):
+            out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
+                             backward=torch.Tensor.backward)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        hist.append({k: float(v) for k, v in out.items()})
+    finite = all(math.isfinite(v) for h in hist for v in h.values()) and all(bool(p.isfinite().all()) for p in trainable)
+    key = "data" if "data" in hist[0] else "loss"   # the prior stage has no data term
+    first, last = hist[0][key], hist[-1][key]
+    detail = {"stage": cfg.stage, "crop": crop, "batch": batch, "term": key, "history": hist}
+    if not CUDA:
+        raise Skip(f"no CUDA (ran {len(hist)} fp32 steps on the CPU: {key} {first:.4f} -> {last:.4f})", detail)
+    return finite and last < first, f"{cfg.stage}: {key} {first:.4f} -> {last:.4f} in {len(hist)} steps, " \
+                                     f"{'all finite' if finite else 'NaN/inf'}", detail
+
+
+def accelerate_check():
+    """One process under `accelerate launch`, the documented multi-GPU entry point, with the burst's recipe."""
+    init, _ = gpu_train.start_point()
+    data = str(gpu_train.PACK) if gpu_train.PACK.is_dir() else str(photo(256).parent)
+    run = Path(tempfile.mkdtemp(prefix="teasr-accel-")) / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "bf16" if CUDA else "no", "--dynamo_backend", "no", *([] if CUDA else ["--cpu"]),
+           "-m", "teasr_cli", "train", "-c", str(gpu_train.RECIPE), "--data", data, "--out", str(run),
+           "--init", str(init), "--steps", "3", "--batch-size", "2", "--crop", "64",
+           "--mixed-precision", "bf16" if CUDA else "no"]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    t = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+    steps = max((x.get("step", 0) for x in recs if "loss" in x), default=0)
+    ok = r.returncode == 0 and steps == 3 and (run / "model" / "model.safetensors").exists()
+    tail = (r.stderr or r.stdout).strip().splitlines()[-1:] if not ok else []
+    return ok, f"rc {r.returncode}, {steps} steps, exported: {(run / 'model').exists()}, {time.time() - t:.0f} s" + \
+        (f"; {tail[0][:200]}" if tail else ""), {"cmd": cmd[2:], "rc": r.returncode}
+
+
+def qwen_check():
+    """Forward + backward of the tiny adapter with each offload mode. none/model: every trainable (LoRA) weight gets
+    a finite gradient; sequential streams the weights in per call, so gradients reach the input, not the weights."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise Skip("diffusers is not installed", {}) from None
+    from teasr_cli.backbones import qwen_image as qi
+
+    dev = "cuda" if CUDA else "cpu"
+    res = {}
+    for mode in ("none", "model", "sequential"):
+        m = qi.build_tiny(seed=0)
+        qi.add_lora(m, 4, 4)
+        qi.enable_offload(m, mode, dev)
+        z_t = torch.randn(2, 4, 8, 8, device=dev, requires_grad=True)
+        z_lq = torch.randn(2, 4, 8, 8, device=dev)
+        t = torch.tensor([0.7, 0.3], device=dev)
+        v = m(z_t, t, z_lq, t)
+        x = m.codec.decode(v)
+        (v.square().mean() + x.square().mean()).backward()
+        grads = [p.grad for p in m.parameters() if p.requires_grad]
+        res[mode] = {"out_finite": bool(v.isfinite().all() and x.isfinite().all()),
+                     "input_grad_finite": bool(z_t.grad.isfinite().all() and z_t.grad.abs().sum() > 0),
+                     "weight_grads": sum(g is not None and bool(g.isfinite().all()) for g in grads),
+                     "trainable": len(grads)}
+    ok = all(r["out_finite"] and r["input_grad_finite"] for r in res.values()) and all(
+        res[k]["weight_grads"] == res[k]["trainable"] for k in ("none", "model"))
+    text = ", ".join(f"{k}: {r['weight_grads']}/{r['trainable']} weight grads" for k, r in res.items())
+    if not CUDA:
+        raise Skip(f"no CUDA (ran on the CPU: {text})", res)
+    return ok, text + ", input grads finite" if ok else text, res
+
+
+def memory_check():
+    """The CPU benchmark's configurations and cases, their peak allocated CUDA memory beside the CPU's tensor peak."""
+    if not CUDA:
+        raise Skip("no CUDA", {})
+    from teasr_cli.sad import SADConfig, sad_losses
+
+    spec = importlib.util.spec_from_file_location("train_memory", ROOT / "benchmarks" / "train_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu = json.loads((ROOT / "benchmarks" / "train_memory.json").read_text())["runs"]
+    res = {}
+    for name, run in cpu.items():
+        if "malloc" in name:   # the same tensors as run A, another allocator: nothing new on a GPU
+            continue
+        bc = bench.BenchConfig(**run["config"])
+        for case in run["cases"]:
+            if case["case"] not in ("lora-flow", "sad", "sad-one-backward"):
+                continue
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            prior, codec, x0, z0, z_lq = bench._setup(bc)
+            model = bench._student(prior, bc).cuda()
+            x0, z0, z_lq = x0.cuda(), z0.cuda(), z_lq.cuda()
+            flow_only, one = case["case"] == "lora-flow", case["case"] == "sad-one-backward"
+            sad_cfg = SADConfig(**(dict(lambda_cons=0.0, lambda_data=0.0, lambda_adv=0.0, lambda_rect=0.0)
+                                   if flow_only else {}))
+            lpips = None if flow_only else bench._lpips(bc)
+            lpips = lpips.cuda() if lpips is not None else None
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(trainable, lr=5e-5, betas=(0.9, 0.99))
+            for i in range(2):   # as the CPU benchmark: the first step allocates AdamW's state
+                draws = {k: v.cuda() for k, v in bench._draws(z0.shape[1:], sad_cfg, bc.batch, i).items()}
+                out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
+                                 backward=None if one else torch.Tensor.backward)
+                if one:
+                    out["loss"].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            res[f"{name} / {case['case']}"] = {"gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                                               "cpu_tensor_peak_mib": case["tensor_peak_mib"]}
+            del model, opt, prior, lpips
+    for v in res.values():
+        v["gpu_over_cpu"] = v["gpu_peak_mib"] / v["cpu_tensor_peak_mib"]
+    pairs = [(k.rsplit(" / ", 1)[0]) for k in res if k.endswith(" / sad")]
+    saves = {p: res[f"{p} / sad-one-backward"]["gpu_peak_mib"] / res[f"{p} / sad"]["gpu_peak_mib"]
+             for p in pairs if f"{p} / sad-one-backward" in res}
+    cpu_saves = {p: res[f"{p} / sad-one-backward"]["cpu_tensor_peak_mib"] / res[f"{p} / sad"]["cpu_tensor_peak_mib"]
+                 for p in saves}
+    ok = bool(saves) and all(s > 1 for s in saves.values())
+    text = "; ".join(f"{p.split(':')[0]}: one-backward/sad {saves[p]:.2f} on GPU vs {cpu_saves[p]:.2f} on CPU" for p in saves)
+    return ok, text, {"cases": res, "one_backward_over_sad_gpu": saves, "one_backward_over_sad_cpu": cpu_saves}
+
+
+CHECKS = {
+    "upscale-fp32": lambda: upscale_check("fp32", 128 if CUDA else 48),
+    "upscale-bf16": lambda: upscale_check("bf16", 128 if CUDA else 48),
+    "sad-bf16": sad_check,
+    "accelerate-launch": accelerate_check,
+    "qwen-offload": qwen_check,
+    "sad-memory": memory_check,
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None, help="write every check's status, line and details here")
+    ap.add_argument("--only", nargs="*", default=None, choices=list(CHECKS))
+    args = ap.parse_args(argv)
+    results = {}
+    for name, fn in CHECKS.items():
+        if args.only is not None and name not in args.only:
+            continue
+        t = time.time()
+        try:
+            ok, text, detail = fn()
+            status = "PASS" if ok else "FAIL"
+        except Skip as s:
+            status, text, detail = "SKIP", s.args[0], s.args[1] if len(s.args) > 1 else {}
+        except Exception as e:   # one broken check must not cost the others (nor the training after them)
+            traceback.print_exc()
+            status, text, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", {}
+        results[name] = {"status": status, "line": text, "seconds": round(time.time() - t, 1), "detail": detail}
+        print(f"{status} {name}: {text} ({results[name]['seconds']} s)", flush=True)
+        if args.json:   # after each check: a kill at the time limit keeps the ones done
+            Path(args.json).write_text(json.dumps({"cuda": CUDA, "device": torch.cuda.get_device_name() if CUDA else
+                                                   "cpu", "torch": torch.__version__, "checks": results}, indent=1))
+    return 1 if any(r["status"] == "FAIL" for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
