@@ -18,10 +18,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.utils import silent_tqdm
 from PIL import Image, UnidentifiedImageError
 
+from .degrade import LR_KINDS, PRESETS, make_lq
 from .errors import TeasrError
-from .imageio import IMAGE_SUFFIXES
+from .imageio import IMAGE_SUFFIXES, find_images, read_image
 
 SCALE = 4
 SHOW = 5   # offenders listed in an error message; the rest are counted
@@ -67,21 +72,15 @@ class Pair:
 
     def load(self, scale: int = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (lq (1, 3, h, w), hq (1, 3, scale*h, scale*w)), RGB in [0, 1]."""
-        hq = _read(self.hq)
+        hq = read_image(self.hq).rgb[None]
         if self.lq is None:
             return synth_lq(hq, self.degrade or "bicubic", self.seed, self.index, scale)
-        lq = _read(self.lq)
+        lq = read_image(self.lq).rgb[None]
         (h, w), (H, W) = lq.shape[-2:], hq.shape[-2:]
         if (H, W) != (scale * h, scale * w):
             raise DatasetError(f"pair '{self.name}': HQ {self.hq.name} is {W}x{H} but LQ {self.lq.name} is {w}x{h}; "
                                f"HQ must be exactly {scale}x the LQ ({scale * w}x{scale * h})")
         return lq, hq
-
-
-def _read(path: Path) -> torch.Tensor:
-    from .imageio import read_image
-
-    return read_image(path).rgb[None]
 
 
 # ------------------------------------------------------------------ synthetic LQ
@@ -95,8 +94,6 @@ def pair_seed(seed: int, index: int) -> int:
 def synth_lq(hq: torch.Tensor, how: str, seed: int, index: int, scale: int = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, 3, H, W) HQ -> (lq, hq cropped to a multiple of `scale`); LQ rounded to 8 bits like a real file.
     `how`: "bicubic" (plain antialiased downscale) or a degrade.py preset name."""
-    from .degrade import make_lq
-
     H, W = (hq.shape[-2] // scale) * scale, (hq.shape[-1] // scale) * scale
     if H == 0 or W == 0:
         raise DatasetError(f"HQ image of {hq.shape[-1]}x{hq.shape[-2]} is smaller than the scale {scale}")
@@ -106,8 +103,6 @@ def synth_lq(hq: torch.Tensor, how: str, seed: int, index: int, scale: int = SCA
 
 
 def check_degrade(name: str) -> str:
-    from .degrade import LR_KINDS, PRESETS
-
     if name not in LR_KINDS:
         raise DatasetError(f"unknown --degrade {name!r}; use bicubic or one of: {', '.join(PRESETS)}")
     return name
@@ -121,8 +116,7 @@ def list_images(folder: Path, role: str) -> list[Path]:
         raise DatasetError(f"{role} folder {folder} does not exist")
     if not folder.is_dir():
         raise DatasetError(f"{role} folder {folder} is a file, not a folder")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = find_images(folder)
     if not files:
         raise DatasetError(f"{role} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -229,11 +223,6 @@ def fetch(name: str, cache_dir=None, progress: bool = True) -> tuple[Path, Path]
 
 
 def _download(name: str, cache_dir, progress: bool) -> Path:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-    from huggingface_hub.utils import silent_tqdm
-
     try:
         return Path(hf_hub_download(REPO_ID, ZIP_NAME, repo_type="dataset", revision=REVISION, cache_dir=cache_dir,
                                     tqdm_class=None if progress else silent_tqdm))

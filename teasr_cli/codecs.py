@@ -71,6 +71,16 @@ class DiffusersAutoencoder(nn.Module):
         return (x.squeeze(2) if self.video else x).float()
 
 
+def bicubic_up(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Images in [-1, 1] -> bicubic x`scale`, clamped to [-1, 1]: the LQ image as the model's condition sees it."""
+    return F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False).clamp_(-1, 1)
+
+
+def encode_lq(codec: nn.Module, x: torch.Tensor, scale: int) -> torch.Tensor:
+    """The condition latent z_lq of an LQ image x in [-1, 1] (DESIGN.md section 1): E(bicubic x`scale`)."""
+    return codec.encode(bicubic_up(x, scale))
+
+
 def build_codec(cfg: dict) -> nn.Module:
     if cfg.get("type", "pixel-unshuffle") == "pixel-unshuffle":
         return PixelUnshuffleCodec(factor=cfg.get("factor", 4), scale=cfg.get("scale", 1.0))

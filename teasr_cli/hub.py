@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import _CACHED_NO_EXIST, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -174,8 +174,9 @@ def _download(repo_id: str, revision: str | None, cache_dir, progress: bool) -> 
         if _COMMIT_RE.fullmatch(folder.name):
             rev = folder.name
     for filename in OPTIONAL_FILES:
-        if try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=rev) is _CACHED_NO_EXIST:
-            continue  # the Hub already told us this commit has no such file
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=rev)
+        if cached is not None and not isinstance(cached, str):
+            continue  # neither a path nor "unknown": the Hub already told us this commit has no such file
         try:
             hf_hub_download(filename=filename, revision=rev, **kw)
         except (OSError, EntryNotFoundError, _TransportError):

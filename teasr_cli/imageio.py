@@ -16,12 +16,16 @@ import os
 import secrets
 import threading
 import warnings
+import shutil
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
+import imagecodecs
 import numpy as np
+import tifffile
 import torch
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
@@ -154,14 +158,12 @@ def _read_deep(img: Image.Image, path: Path) -> np.ndarray | None:
             head = f.read(26)
         if head[12:16] != b"IHDR" or head[24] != 16:
             return None
-        import imagecodecs  # only needed for 16-bit PNG
         return _channels_last(imagecodecs.png_decode(path.read_bytes()))
     if img.format == "TIFF":
         tags = img.tag_v2
         bits, sample_fmt = _tuple(tags.get(258, 8)), _tuple(tags.get(339, 1))
         if set(bits) != {16} or set(sample_fmt) != {1} or tags.get(262) not in (1, 2):
             return None  # 8-bit, signed/float or exotic colour spaces: Pillow's way
-        import tifffile
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
             arr = page.asarray()
@@ -273,6 +275,17 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
+def find_images(folder, pattern: str = "*", recursive: bool = False, exclude=None) -> list[Path]:
+    """The image files (IMAGE_SUFFIXES, any case) in `folder` matching `pattern`, sorted; hidden files
+    (".name", e.g. our own temp files) and anything under `exclude` (e.g. the output folder) are left out.
+    An empty list when there are none; callers say what that means for them."""
+    folder = Path(folder)
+    files = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and p.is_file() and (skip is None or skip not in p.resolve().parents))
+
+
 # ---------------------------------------------------------------- tensors
 
 def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -343,7 +356,7 @@ def output_format(path, fmt: str | None = None) -> str:
 
 def write_image(pic: Picture, path, fmt: str | None = None, quality: int = 95,
                 overwrite: bool = True) -> Path:
-    """Write atomically (temp file in the same folder, then os.replace) and return the path."""
+    """Write atomically (see atomic_path; the bytes are on disk first) and return the path."""
     path = Path(path)
     fmt = output_format(path, fmt)
     folder = path.parent
@@ -353,23 +366,44 @@ def write_image(pic: Picture, path, fmt: str | None = None, quality: int = 95,
         raise ImageWriteError(f"cannot write {path}: it is a folder")
     if path.exists() and not overwrite:
         raise ImageWriteError(f"{path} already exists; allow overwriting or choose another name")
-    tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        f = open(tmp, "xb")  # exclusive create, mode 0o666 minus umask like any new file
-    except OSError as e:
-        raise ImageWriteError(f"cannot write to the folder {folder} ({_reason(e)})") from e
-    try:
-        with f:
-            _encode(pic, f, fmt, quality, path.name)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception):
-            raise ImageWriteError(f"cannot write {path} ({_reason(e)})") from e
+        with atomic_path(path) as tmp:
+            try:
+                f = open(tmp, "xb")  # exclusive create, mode 0o666 minus umask like any new file
+            except OSError as e:
+                raise ImageWriteError(f"cannot write to the folder {folder} ({_reason(e)})") from e
+            with f:
+                _encode(pic, f, fmt, quality, path.name)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+    except ImageWriteError:
         raise
+    except Exception as e:
+        raise ImageWriteError(f"cannot write {path} ({_reason(e)})") from e
     return path
+
+
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary name beside `path` (same suffix, so writers that go by it pick the right format) that
+    becomes `path` when the block ends, and is removed if the block fails: a reader (or a resumed run) sees the
+    old file or the new one, never half of one. A folder written this way replaces an existing folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)   # os.replace cannot put a folder over a folder that holds files
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def _encode(pic: Picture, f, fmt: str, quality: int, name: str) -> None:
@@ -404,7 +438,6 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 def _png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
     """16-bit PNG via libpng, with iCCP/eXIf chunks inserted right after IHDR."""
-    import imagecodecs
     png = imagecodecs.png_encode(arr[..., 0] if arr.shape[-1] == 1 else arr, level=6)
     extra = b""
     if icc is not None:
@@ -416,7 +449,6 @@ def _png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
 
 
 def _tiff16(arr: np.ndarray, f, icc: bytes | None, exif: bytes | None, name: str) -> None:
-    import tifffile
     if exif is not None:
         warnings.warn(f"{name}: EXIF metadata is not written to 16-bit TIFF files "
                       "(the ICC profile is kept)", stacklevel=5)

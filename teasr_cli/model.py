@@ -11,6 +11,7 @@ of an image see the same function as the whole image).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -104,8 +105,6 @@ class CondLoRALinear(nn.Module):
 
 def add_cond_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
     """Replace every LORA_TARGETS linear by a CondLoRALinear (in place)."""
-    import re
-
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and re.fullmatch(LORA_TARGETS, name):
             parent, _, child = name.rpartition(".")
@@ -393,84 +392,3 @@ class TeasrDiT(nn.Module):
             else:
                 x = block(x, c_noise, c_cond, cos, sin, n, last)
         return self.unpatchify(self.final_layer(x, c_noise), h, w)   # the noise tokens carry the output
-
-
-# ---------------------------------------------------------------------------------------------
-# Model folders: config.json (backbone, codec, DiT sizes) + model.safetensors (DESIGN section 6)
-
-FORMAT_VERSION = 1
-
-
-def model_config(dit: DiTConfig, codec: dict, scale: int = 4, **meta) -> dict:
-    return {"teasr_format": FORMAT_VERSION, "backbone": "native", "scale": scale, "codec": codec,
-            "model": dit.to_dict(), **meta}
-
-
-def save_pretrained(model: nn.Module, config: dict, folder, dtype: torch.dtype | None = None) -> None:
-    """Write config.json + model.safetensors atomically (temp names, then rename)."""
-    import json
-    import os
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
-    save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder / "model.safetensors.tmp", 0o666 & ~umask)   # safetensors writes 0600; a model is for sharing
-    (folder / "config.json.tmp").write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    os.replace(folder / "config.json.tmp", folder / "config.json")
-
-
-def load_state_strict(model: nn.Module, state: dict, source: str) -> None:
-    """load_state_dict with a one-line ModelError that says how the weights and the config disagree."""
-    from teasr_cli.errors import ModelError
-
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        detail = "; ".join(s for s in (
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-            f"{len(shapes)} with other shapes (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} vs {tuple(own[shapes[0]].shape)})" if shapes else "",
-        ) if s)
-        raise ModelError(f"weights in {source} do not match its config.json: {detail}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-def load_pretrained(folder) -> tuple[nn.Module, dict]:
-    """(model, config) from a local model folder; float32 weights on the CPU."""
-    import json
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from teasr_cli.errors import ModelError
-
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read {folder / 'config.json'}: {e}") from None
-    backbone = config.get("backbone", "native")
-    if backbone != "native":
-        from teasr_cli.backbones import load_backbone
-        return load_backbone(backbone, folder, config), config
-    try:
-        model = TeasrDiT(DiTConfig.from_dict(config["model"]))
-    except (KeyError, TypeError, ValueError, AssertionError) as e:
-        raise ModelError(f"invalid model config in {folder / 'config.json'}: {e}") from None
-    try:
-        state = load_file(folder / "model.safetensors")
-    except (OSError, SafetensorError) as e:
-        raise ModelError(f"cannot read {folder / 'model.safetensors'}: {e}") from None
-    load_state_strict(model, state, str(folder / "model.safetensors"))
-    return model.eval(), config

@@ -9,41 +9,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from teasr_cli.codecs import build_codec
+from teasr_cli.backbones.qwen_image import OFFLOAD_MODES, enable_offload
+from teasr_cli.codecs import build_codec, encode_lq
 from teasr_cli.degrade import downscale
 from teasr_cli.errors import TeasrError
+from teasr_cli.folders import load_pretrained
+from teasr_cli.hub import resolve_model
+from teasr_cli.imageio import from_pil, replace_pixels, to_pil
+from teasr_cli.runtime import cpu_multiplies_bf16, pick_device, set_threads
 from teasr_cli.sampler import sample
 from teasr_cli.tiling import TiledVelocity, tile_starts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLOR_FIXES = ("wavelet", "adain", "none")
-OFFLOAD_MODES = ("none", "model", "sequential")
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TeasrError(f"--device {device} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TeasrError("--device mps asked for, but this PyTorch has no MPS (Apple GPU) support; use --device cpu or auto")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise TeasrError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(device)
-
-
-def cpu_multiplies_bf16() -> bool:
-    """Whether this CPU has AMX tiles (Intel Xeon 4th gen and later), which multiply bf16 natively: there the
-    tiny-cpu model upscales about 1.9x as fast in bf16 at the same quality (benchmarks/README.md). Elsewhere
-    bf16 is emulated and slower than fp32."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):   # private API: absent from other builds
-        return False
 
 
 def _gaussian_blur(x, sigma: float):
@@ -147,7 +125,6 @@ class Upscaler:
             raise TeasrError("--offload is for big backbones (qwen-image); this model fits in memory as it is")
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]   # the name: what "auto" chose, for the records
         if big:
-            from teasr_cli.backbones.qwen_image import enable_offload
             model.to(self.dtype)      # cast first: the offload hooks pin where each module lives
             codec.to(self.dtype)
             enable_offload(model, offload, self.device)
@@ -161,9 +138,6 @@ class Upscaler:
     @classmethod
     def from_pretrained(cls, spec=None, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                         progress: bool = True, offload: str = "none") -> "Upscaler":
-        from teasr_cli.hub import resolve_model
-        from teasr_cli.model import load_pretrained
-
         set_threads(threads)
         folder = resolve_model(spec, progress=progress)
         model, config = load_pretrained(folder)
@@ -207,7 +181,7 @@ class Upscaler:
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
         # memory: every output-sized tensor of a big photo is large, so keep as few alive as possible
-        z_lq = self.codec.encode(F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False).clamp_(-1, 1)).float()
+        z_lq = encode_lq(self.codec, x, self.scale).float()
         Hl, Wl = z_lq.shape[-2:]
         _, _, tile, overlap = self.layout(h, w, s)
         n_calls = self.work(h, w, s)
@@ -273,19 +247,10 @@ class Upscaler:
 
     def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None, tile_callback=None):
         """imageio.Picture in, Picture out (alpha, grayscale, 16-bit and metadata carried along)."""
-        from teasr_cli.imageio import replace_pixels
-
         rgb = self.upscale_tensor(pic.rgb.unsqueeze(0), settings, callback, tile_callback)[0]
         return replace_pixels(pic, rgb)
 
     def __call__(self, image, steps: int = 1, seed: int = 0, callback=None, **kwargs):
         """PIL image in, PIL image out (x4)."""
-        from teasr_cli.imageio import from_pil, to_pil
-
         settings = UpscaleSettings(steps=steps, seed=seed, **kwargs)
         return to_pil(self.upscale_picture(from_pil(image), settings, callback))
-
-
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)

@@ -2,26 +2,35 @@
 condition branch) and stage `regress` (the plain one-pass regression baseline: MSE + LPIPS, all weights), with accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
 from __future__ import annotations
 
-import copy
 import json
-import math
-import os
 import shutil
+import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from teasr_cli.degrade import LR_KINDS
+from teasr_cli.codecs import bicubic_up, build_codec, encode_lq
+from teasr_cli.data import HQImages, list_images, sample_index
+from teasr_cli.degrade import LR_KINDS, make_lq
 from teasr_cli.errors import TeasrError
+from teasr_cli.folders import BACKBONES, backbone, load_pretrained
+from teasr_cli.imageio import atomic_path, write_text_atomic
 from teasr_cli.loader import batch_stream
-from teasr_cli.model import DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
+from teasr_cli.metrics import LPIPS
+from teasr_cli.runtime import set_threads
 from teasr_cli.sad import SADConfig, draw_sample, sad_losses
+from teasr_cli.sampler import sample
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:   # the same parser, from PyPI (a dependency on 3.10 only)
+    import tomli as tomllib
 
 
 @dataclass
@@ -52,6 +61,7 @@ class TrainConfig:
     crop: int = 256                      # HQ crop side (pixels)
     degradation: str | dict = "realesrgan"   # "realesrgan" | "mild" | "bicubic", or a {name: weight} mixture
     small_images: str = "skip"           # "skip" | "pad"
+    image_cache: int = 64                # decoded photos kept in memory per process (LRU; 0 = read every time)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200
@@ -90,12 +100,9 @@ class TrainConfig:
         cfg = cls(**raw, sad=SADConfig(**sad))
         if cfg.stage not in ("prior", "sad", "regress"):
             raise TeasrError(f"--stage must be prior, sad or regress, not {cfg.stage!r}")
-        if cfg.backbone not in ("native", "qwen-image"):
-            raise TeasrError(f"--backbone must be native or qwen-image, not {cfg.backbone!r}")
-        if cfg.backbone == "qwen-image" and cfg.stage != "sad":
-            raise TeasrError("qwen-image is already a generative prior: train it with --stage sad")
-        if cfg.stage == "sad" and not cfg.init and cfg.backbone == "native":
-            raise TeasrError("--stage sad needs --init MODEL_DIR (the prior to distil)")
+        if cfg.backbone not in BACKBONES:
+            raise TeasrError(f"--backbone must be one of {', '.join(BACKBONES)}, not {cfg.backbone!r}")
+        backbone(cfg.backbone).check(cfg)
         if not valid_degradation(cfg.degradation):
             raise TeasrError(f"degradation must be one of {', '.join(LR_KINDS)} or a mixture {{name: weight}} "
                              f"of them with non-negative weights, not {cfg.degradation!r}")
@@ -134,22 +141,17 @@ def _unflatten_optimizer(tensors: dict, scalars: dict) -> dict:
 
 def save_checkpoint(run: Path, step: int, model, opt, ema: dict | None, keep_last: int) -> Path:
     """ckpt-STEP/: trainable weights, optimizer, EMA, RNG, written to a temp folder then renamed (atomic)."""
-    from safetensors.torch import save_file
-
     final = run / f"ckpt-{step:07d}"
-    tmp = run / f".ckpt-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
-    opt_t, opt_s = _flatten_optimizer(opt)
-    save_file(opt_t, tmp / "optimizer.safetensors")
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
-    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_s}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        opt_t, opt_s = _flatten_optimizer(opt)
+        save_file(opt_t, tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+        save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_s}))
     for old in sorted(run.glob("ckpt-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -161,8 +163,6 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, model, opt, ema: dict | None) -> int:
-    from safetensors.torch import load_file
-
     params = dict(model.named_parameters())
     for n, v in load_file(ckpt / "trainable.safetensors").items():
         params[n].data.copy_(v)
@@ -177,21 +177,18 @@ def load_checkpoint(ckpt: Path, model, opt, ema: dict | None) -> int:
 # ----------------------------------------------------------------------------- model set-up
 
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
-    """(model, model-folder config). prior: new or --init; sad: --init prior + LoRA on the condition branch."""
-    from teasr_cli.codecs import build_codec
-
-    if cfg.backbone == "qwen-image":
-        return build_qwen(cfg)
+    """(model, model-folder config). prior: new or --init; sad: --init prior (or a backbone's own base) + LoRA on
+    the condition branch."""
+    bb = backbone(cfg.backbone)
+    dtype = bb.weights_dtype(cfg.mixed_precision)
     if cfg.init:
-        model, mcfg = load_pretrained(cfg.init)
-        model, mcfg = grow_model(model, mcfg, cfg)
+        model, mcfg = load_pretrained(cfg.init, dtype=dtype)
+        model, mcfg = bb.grow(model, mcfg, cfg)
     else:
-        codec = build_codec(cfg.codec)
-        dit = DiTConfig.from_dict({"latent_channels": codec.latent_channels, **cfg.model})
-        model, mcfg = TeasrDiT(dit), model_config(dit, cfg.codec, cfg.scale)
+        mcfg = bb.new_config(cfg)
+        model = bb.build(mcfg, dtype=dtype)
     if cfg.stage == "sad":
-        from teasr_cli.lora import add_lora
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        bb.add_cond_lora(model, cfg.lora_rank, cfg.lora_alpha)
         if cfg.train_head:   # the conv layers after the DiT: the plain form's head, the hybrid's decoder
             heads = [getattr(model, k, None) for k in ("head", "decoder", "decoder_out")]
             if not any(heads):
@@ -205,82 +202,11 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     return model, mcfg
 
 
-GROWABLE = ("head_channels", "head_depth")   # parts a trained model can gain: they start as the identity
-
-
-def grow_model(model, mcfg: dict, cfg: TrainConfig):
-    """--init with a recipe whose `model` adds a conv head (stage prior/regress) or makes the head deeper (any stage;
-    sad needs train_head): the new model keeps every trained weight and starts as the same function.
-    Any other model setting comes from --init, as before (its weights fix the shapes)."""
-    changed = {k: cfg.model[k] for k in GROWABLE if k in cfg.model and mcfg["model"].get(k) != cfg.model[k]}
-    deeper = model.head is not None and set(changed) == {"head_depth"}
-    if not changed or (cfg.stage == "sad" and not (deeper and cfg.train_head)):   # SAD keeps the prior's shape
-        return model, mcfg
-    grown = TeasrDiT(DiTConfig.from_dict({**mcfg["model"], **changed}))
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("head.") for k in missing):
-        raise TeasrError(f"cannot grow {cfg.init}: {len(missing)} missing, {len(unexpected)} unexpected weights")
-    if deeper:   # a residual conv with zero weights is the identity; a new head is already one (its output conv is zero)
-        with torch.no_grad():
-            for k in missing:
-                grown.get_parameter(k).zero_()
-    return grown, {**mcfg, "model": grown.config.to_dict()}
-
-
-def build_qwen(cfg: TrainConfig):
-    """Qwen-Image (the frozen pretrained prior) + condition-branch LoRA; --init continues a teasr qwen folder."""
-    from teasr_cli.backbones import qwen_image as qi
-    from teasr_cli.hub import parse_repo_spec
-
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-    if cfg.init:
-        model = qi.load_pretrained(cfg.init, dtype=dtype)   # LoRA included, trainable again
-    else:
-        if cfg.base == "tiny":
-            model = qi.build_tiny(cfg.seed)
-        else:
-            repo, rev = parse_repo_spec(cfg.base)
-            model = qi.from_base(repo, rev or qi.QWEN_IMAGE_BASE[1], dtype=dtype)
-        qi.add_lora(model, cfg.lora_rank, cfg.lora_alpha)
-    model.train()
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    return model, {"backbone": "qwen-image", "scale": cfg.scale}
-
-
 def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None,
                  dtype: torch.dtype | None = None, lora_rank: int | None = None) -> Path:
-    """A plain model folder for `teasr upscale`: EMA weights if any, the LoRA as plain condition-branch modules."""
-    from teasr_cli.lora import export_lora
-
-    if mcfg.get("backbone") == "qwen-image":
-        if lora_rank is not None:
-            raise TeasrError("--lora-rank applies to native models; a qwen-image folder keeps its peft LoRA as trained")
-        return _export_qwen(model, folder, ema, meta)
-    model = copy.deepcopy(model).cpu()
-    if ema:
-        params = dict(model.named_parameters())
-        for n, v in ema.items():
-            params[n].data.copy_(v)
-    if any("lora_" in n for n, _ in model.named_parameters()):
-        export_lora(model, lora_rank)
-    cfg = {**mcfg, "model": model.config.to_dict(), **(meta or {})}
-    save_pretrained(model, cfg, folder, dtype=dtype)
-    return folder
-
-
-def _export_qwen(model, folder: Path, ema: dict | None, meta: dict | None) -> Path:
-    """Qwen-Image folders keep the LoRA (peft) and only the trained tensors; EMA swapped in, not deep-copied (20B)."""
-    from teasr_cli.backbones import qwen_image as qi
-
-    params = dict(model.named_parameters())
-    live = {n: params[n].detach().clone() for n in (ema or {})}
-    with torch.no_grad():
-        for n, v in (ema or {}).items():
-            params[n].copy_(v)
-        qi.save_pretrained(model, folder, meta)
-        for n, v in live.items():
-            params[n].copy_(v)
-    return folder
+    """A plain model folder for `teasr upscale`: EMA weights if any, written by the model's backbone."""
+    bb = backbone(mcfg.get("backbone", "native"))
+    return bb.export(model, {**mcfg, **(meta or {})}, folder, ema, lora_rank, dtype)
 
 
 def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None,
@@ -311,9 +237,6 @@ def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape
     Every random choice of a sample comes from a generator seeded by (seed, sample number), so the
     batch layout (accumulation, processes, resume) never changes what a sample sees.
     """
-    from teasr_cli.data import sample_index
-    from teasr_cli.degrade import make_lq
-
     hq, lq, draws = [], [], []
     for k in range(first_sample, first_sample + n):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
@@ -360,10 +283,6 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from teasr_cli.codecs import build_codec
-    from teasr_cli.data import HQImages, list_images
-    from teasr_cli.pipeline import set_threads
-
     set_threads(cfg.threads)
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
                       cpu=not torch.cuda.is_available())
@@ -375,13 +294,12 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     if not resume and latest_checkpoint(run) is not None:
         raise TeasrError(f"{run} already has checkpoints; pass --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
-    images = HQImages(list_images(cfg.data), cfg.crop, cfg.small_images)
+    images = HQImages(list_images(cfg.data), cfg.crop, cfg.small_images, cfg.image_cache)
     model, mcfg = build_model(cfg)
     codec = (getattr(model, "codec", None) or build_codec(mcfg["codec"])).to(acc.device)
     sad_cfg = stage_sad_config(cfg)
     lpips = None
     if cfg.stage != "prior" and cfg.lpips and sad_cfg.lambda_data > 0 and sad_cfg.lambda_lpips > 0:
-        from teasr_cli.metrics import LPIPS
         lpips = LPIPS(net=cfg.lpips).to(acc.device).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -415,8 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
             hq, lq, draws = next(batches)
             with acc.accumulate(dmodel), acc.autocast():
                 x0 = hq * 2 - 1
-                up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
-                z0, z_lq = codec.encode(x0), codec.encode(up)
+                z0, z_lq = codec.encode(x0), encode_lq(codec, lq * 2 - 1, cfg.scale)
                 # one backward per graph (peak memory of one graph); accelerate divides each by grad_accum,
                 # so the accumulated gradient is the mean over the big batch
                 losses = sad_losses(dmodel, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
@@ -486,9 +403,7 @@ def _truncate_log(run: Path, step: int):
     lines = log.read_text().splitlines(keepends=True)
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
     if len(keep) < len(lines):
-        tmp = log.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, log)
+        write_text_atomic(log, "".join(keep))
 
 
 def _log(run: Path, rec: dict, callback):
@@ -501,22 +416,17 @@ def _log(run: Path, rec: dict, callback):
 @torch.no_grad()
 def save_sample_grid(model, codec, images, cfg: TrainConfig, path: Path, n: int = 2) -> Path:
     """Rows of LQ (bicubic x4) | 1 step | 4 steps | HQ on fixed samples, so progress can be seen."""
-    from PIL import Image
-
-    from teasr_cli.sampler import sample
-
     was_training = model.training
     model.eval()
     hq, lq, _ = make_batch(images, cfg, 0, n, (1, 1, 1), next(model.parameters()).device)
-    up = F.interpolate(lq * 2 - 1, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+    up = bicubic_up(lq * 2 - 1, cfg.scale)
     z_lq = codec.encode(up)
     noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(0)).to(z_lq.device)
     cols = [up] + [codec.decode(sample(model, noise, z_lq, k)) for k in (1, 4)] + [hq * 2 - 1]
     grid = torch.cat([torch.cat(list(c.clamp(-1, 1)), dim=1) for c in cols], dim=2)   # (3, n*H, 4*W)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp)
     model.train(was_training)
     return path

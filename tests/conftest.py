@@ -7,7 +7,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from teasr_cli.codecs import PixelUnshuffleCodec
-from teasr_cli.model import DiTConfig, TeasrDiT, model_config, save_pretrained
+from teasr_cli.folders import model_config, save_pretrained
+from teasr_cli.model import DiTConfig, TeasrDiT
 
 # two cores shared with other workers: one thread keeps timings stable and results reproducible
 torch.set_num_threads(1)

@@ -523,3 +523,45 @@ def test_picture_is_plain_data(photo):
     pic = from_pil(Image.fromarray(photo))
     assert isinstance(pic, Picture) and pic.exif is None and pic.icc_profile is None
     assert tio.DEFAULT_MAX_PIXELS == 100_000_000
+
+
+# ---------------------------------------------------------------- the package's one lister and atomic writer
+
+def test_find_images_lists_image_files_only_sorted(tmp_path, photo):
+    (tmp_path / "sub" / "out").mkdir(parents=True)
+    for name in ("b.PNG", "a.jpg", ".hidden.png", "notes.txt", "sub/c.webp", "sub/out/d.png"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()   # a folder with an image suffix is not an image
+    names = lambda files: [p.relative_to(tmp_path).as_posix() for p in files]   # noqa: E731
+    assert names(tio.find_images(tmp_path)) == ["a.jpg", "b.PNG"]
+    assert names(tio.find_images(tmp_path, recursive=True)) == ["a.jpg", "b.PNG", "sub/c.webp", "sub/out/d.png"]
+    assert names(tio.find_images(tmp_path, recursive=True, exclude=tmp_path / "sub" / "out")) == \
+        ["a.jpg", "b.PNG", "sub/c.webp"]
+    assert names(tio.find_images(tmp_path, "a*")) == ["a.jpg"] and tio.find_images(tmp_path / "sub" / "out" / "x") == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path, existing):
+    target = tmp_path / "results.json"
+    if existing:
+        target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with tio.atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".json" and tmp.name.startswith(".")
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path) == (["results.json"] if existing else [])
+    assert not existing or target.read_text() == "old"
+    tio.write_text_atomic(target, "new")
+    assert os.listdir(tmp_path) == ["results.json"] and target.read_text() == "new"
+
+
+def test_atomic_path_replaces_a_whole_folder(tmp_path):
+    final = tmp_path / "ckpt-0000002"
+    final.mkdir()
+    (final / "stale.safetensors").write_text("old")
+    with tio.atomic_path(final) as tmp:
+        tmp.mkdir()
+        assert not (tmp / "state.json").exists() and (final / "stale.safetensors").exists()   # old one until done
+        (tmp / "state.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["ckpt-0000002"] and os.listdir(final) == ["state.json"]

@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import teasr_cli.folders as folders
 import teasr_cli.model as tm
 from teasr_cli.codecs import PixelUnshuffleCodec
 from teasr_cli.errors import ModelError
-from teasr_cli.model import LORA_TARGETS, add_cond_lora, load_pretrained, model_config, save_pretrained
+from teasr_cli.folders import load_pretrained, model_config, save_pretrained
+from teasr_cli.model import LORA_TARGETS, add_cond_lora
 
 
 def latents(B=2, H=6, W=4, C=48, seed=1):
@@ -352,6 +354,19 @@ def test_unreadable_model_folder_raises_model_error(make_model, tmp_path, damage
     with pytest.raises(ModelError) as info:
         load_pretrained(folder)
     assert "\n" not in str(info.value) and str(folder) in str(info.value)
+
+
+def test_a_folder_names_its_backbone_and_an_unknown_one_is_a_one_line_error(make_model, tmp_path):
+    folder = _save(make_model(), tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["backbone"] == "native" and cfg["teasr_format"] == folders.FORMAT_VERSION
+    del cfg["backbone"]   # folders from before the field: native
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert isinstance(load_pretrained(folder)[0], tm.TeasrDiT)
+    (folder / "config.json").write_text(json.dumps({**cfg, "backbone": "sdxl"}))
+    with pytest.raises(ModelError, match="unknown backbone 'sdxl'") as info:
+        load_pretrained(folder)
+    assert "\n" not in str(info.value) and "native, qwen-image" in str(info.value)
 
 
 # ------------------------------------------------------------------ pinned numbers

@@ -1,5 +1,8 @@
 """Upscaler end to end on real photos with a tiny seeded model: sizes, seeds, tiling, colour fixes, PIL modes."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,10 +11,11 @@ from PIL import Image
 
 from conftest import small_photo, to_tensor
 
+from teasr_cli import runtime
 from teasr_cli.codecs import PixelUnshuffleCodec
 from teasr_cli.degrade import downscale
 from teasr_cli.errors import TeasrError
-from teasr_cli.model import load_pretrained
+from teasr_cli.folders import load_pretrained
 from teasr_cli.pipeline import UpscaleSettings, Upscaler, adain_color_fix_, auto_tile, project_to_lr_, wavelet_color_fix_
 from teasr_cli.sampler import sample
 
@@ -244,6 +248,13 @@ def test_auto_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(make_model, m
     up = Upscaler(make_model(), PixelUnshuffleCodec(4), device="cpu")
     assert up.dtype == (torch.bfloat16 if amx else torch.float32) and up.dtype_name == ("bf16" if amx else "fp32")
     assert next(up.model.parameters()).dtype == up.dtype
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="the kernel's CPU flags are a Linux file")
+def test_bf16_detection_agrees_with_the_kernels_cpu_flags():
+    """The public torch.cpu.get_capabilities() answer matches what Linux reports for this CPU (AMX tiles)."""
+    flags = set(re.findall(r"\w+", Path("/proc/cpuinfo").read_text()))
+    assert runtime.cpu_multiplies_bf16() == ("amx_tile" in flags)
 
 
 def test_pil_rgb_keeps_mode_and_is_four_times(upscaler, photo):

@@ -17,6 +17,9 @@ pytest.importorskip("peft")
 
 from teasr_cli.backbones import qwen_image as qi  # noqa: E402
 from teasr_cli.errors import ModelError  # noqa: E402
+from teasr_cli.folders import load_pretrained, save_pretrained  # noqa: E402
+
+QWEN = {"backbone": "qwen-image"}
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,10 +259,8 @@ def _trained_tiny(seed=0):
 def test_save_load_roundtrip_tiny_folder(tmp_path, latents):
     from safetensors.torch import load_file
 
-    from teasr_cli.model import load_pretrained as load_any
-
     m = _trained_tiny()
-    qi.save_pretrained(m, tmp_path / "tiny", {"scale": 4, "note": "test"})
+    save_pretrained(m, {**QWEN, "scale": 4, "note": "test"}, tmp_path / "tiny")
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
     assert cfg["backbone"] == "qwen-image" and cfg["note"] == "test" and cfg["scale"] == 4
@@ -267,25 +268,23 @@ def test_save_load_roundtrip_tiny_folder(tmp_path, latents):
     state = load_file(tmp_path / "tiny" / "model.safetensors")
     assert "prompt_embeds" in state and any(k.startswith("codec.vae.") for k in state)
 
-    loaded = qi.load_pretrained(tmp_path / "tiny", cfg)
+    loaded, config = load_pretrained(tmp_path / "tiny")   # the generic loader dispatches on config["backbone"]
+    assert isinstance(loaded, qi.QwenImageTeasr) and config == cfg
     torch.testing.assert_close(_outputs(loaded, latents), _outputs(m, latents), rtol=0, atol=0)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.codec.encode(x), m.codec.encode(x), rtol=0, atol=0)
 
-    model, config = load_any(tmp_path / "tiny")   # the generic loader dispatches on config["backbone"]
-    assert isinstance(model, qi.QwenImageTeasr) and config["backbone"] == "qwen-image"
-    torch.testing.assert_close(_outputs(model, latents), _outputs(m, latents), rtol=0, atol=0)
-
 
 def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(ModelError, match="cannot read"):
-        qi.load_pretrained(tmp_path, {"backbone": "qwen-image", "base": {"tiny": True}})
-    qi.save_pretrained(qi.build_tiny(), tmp_path / "m")
+        load_pretrained(tmp_path)
+    save_pretrained(qi.build_tiny(), QWEN, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["base"] = {}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="names no Qwen-Image base") as e:
-        qi.load_pretrained(tmp_path / "m", cfg)
+        load_pretrained(tmp_path / "m")
     assert "\n" not in str(e.value)
 
 
@@ -349,14 +348,14 @@ def test_hub_base_folder_roundtrip(tmp_path, monkeypatch, latents):
         assert m.base == {"repo_id": repo, "revision": sha}   # pinned to the commit actually loaded
         qi.add_lora(m, rank=4, alpha=4)
         _randomise_lora(m)
-        qi.save_pretrained(m, tmp_path / "teasr-qwen", {"scale": 4})
+        save_pretrained(m, {**QWEN, "scale": 4}, tmp_path / "teasr-qwen")
         state = load_file(tmp_path / "teasr-qwen" / "model.safetensors")
         assert set(state) == set(qi.trainable_state(m))   # LoRA + t2_embedder + prompt, no base weights
         assert not any(k.endswith("base_layer.weight") for k in state)
 
         requests = len(hub.requests)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)   # the base now comes from the warm cache
-        loaded = qi.load_pretrained(tmp_path / "teasr-qwen", dtype=torch.float32)
+        loaded, _ = load_pretrained(tmp_path / "teasr-qwen", dtype=torch.float32)
         assert len(hub.requests) == requests
         torch.testing.assert_close(_outputs(loaded, latents), _outputs(m, latents), rtol=0, atol=0)
 

@@ -14,10 +14,14 @@ from safetensors.torch import load_file
 from skimage import data as skdata
 from typer.testing import CliRunner
 
+from teasr_cli.data import HQImages, list_images
+from teasr_cli.degrade import bicubic_lq
 from teasr_cli.errors import TeasrError
-from teasr_cli.model import CondLoRALinear, DiTConfig, TeasrDiT, load_pretrained, model_config, save_pretrained
+from teasr_cli.folders import load_pretrained, model_config, save_pretrained
+from teasr_cli.model import CondLoRALinear, DiTConfig, TeasrDiT
 from teasr_cli.sad import SADConfig, draw_sample, sad_losses
-from teasr_cli.trainer import (TrainConfig, build_model, export_model, latest_checkpoint, make_batch, train)
+from teasr_cli.trainer import (TrainConfig, build_model, export_model, latest_checkpoint, make_batch, pick_degradation,
+                               train)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,7 +304,6 @@ def test_export_truncates_lora_rank_by_svd(prior_dir, tmp_path):
 
 @pytest.mark.parametrize("degradation", ["bicubic", "mild", "realesrgan"])
 def test_batches_are_deterministic_per_sample_and_sized(photos, degradation):
-    from teasr_cli.data import HQImages, list_images
 
     cfg = tiny_cfg(photos, "unused", degradation=degradation, crop=64)
     images = HQImages(list_images(cfg.data), cfg.crop)
@@ -316,10 +319,35 @@ def test_batches_are_deterministic_per_sample_and_sized(photos, degradation):
     assert not torch.equal(other[0], hq)                         # another seed, other crops
 
 
+def test_hq_images_stream_from_disk_with_a_bounded_cache(photos, tmp_path):
+    """Decoded photos are kept for the last `cache` images only; pixels are the files' own (8 bit, exactly as
+    Pillow decodes them), with a phone's EXIF rotation applied; unusable files are remembered, not re-read."""
+    files = sorted(photos.glob("*.png"))
+    arr = getattr(skdata, "chelsea")()   # 300 x 451
+    exif = Image.Exif()
+    exif[0x0112] = 6                     # "rotate 90 degrees clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    images = HQImages([*files, tmp_path / "phone.jpg", tmp_path / "broken.png"], 64, cache=2)
+    for i, f in enumerate(files):
+        expected = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(images.load(i), expected)
+        assert len(images._mem) == min(i + 1, 2)
+    assert list(images._mem) == [1, 2]                # least recently used first out
+    images.load(1)
+    images.load(3)
+    assert list(images._mem) == [1, 3]
+    with Image.open(tmp_path / "phone.jpg") as im:    # the JPEG's own pixels, turned upright
+        upright = torch.from_numpy(np.rot90(np.asarray(im.convert("RGB")), -1).copy()).permute(2, 0, 1)
+    assert torch.equal(images.load(3), upright) and images.load(3).shape == (3, 451, 300)
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert images.load(4) is None
+    assert images.skipped == {4} and images.load(4) is None and 4 not in images._mem
+    none = HQImages(files, 64, cache=0)
+    assert torch.equal(none.load(0), images.load(0)) and not none._mem
+
+
 def test_degradation_mixture_draws_each_kind_per_sample_reproducibly(photos):
-    from teasr_cli.data import HQImages, list_images
-    from teasr_cli.degrade import bicubic_lq
-    from teasr_cli.trainer import pick_degradation
 
     mix = {"bicubic": 1.0, "realesrgan": 1.0}
     g = lambda k: torch.Generator().manual_seed(k)   # noqa: E731

@@ -19,8 +19,7 @@ on frame 1. The 60 blocks, the checkpoint format and `from_pretrained` stay diff
 from __future__ import annotations
 
 import copy
-import json
-import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from huggingface_hub import snapshot_download
 
+from teasr_cli.codecs import DiffusersAutoencoder
 from teasr_cli.errors import ModelError, TeasrError
+from teasr_cli.folders import Backbone, save_pretrained
+from teasr_cli.hub import parse_repo_spec
 
 # The base model and the revision a teasr LoRA was trained against. A LoRA only makes sense on the exact
 # weights it was trained on, so this must be a 40-hex commit sha. The build machines cannot reach the Hub,
@@ -42,8 +45,7 @@ from teasr_cli.errors import ModelError, TeasrError
 QWEN_IMAGE_REVISION_PLACEHOLDER = "main"
 QWEN_IMAGE_BASE = ("Qwen/Qwen-Image-2512", QWEN_IMAGE_REVISION_PLACEHOLDER)
 
-FORMAT_VERSION = 1
-OFFLOAD_MODES = ("none", "model", "sequential")
+OFFLOAD_MODES = ("none", "model", "sequential")   # see enable_offload
 
 # Image-stream Linears the condition branch adapts (regex for peft's LoraConfig, matched against full names).
 # They sit inside CondRouter modules, hence the trailing `.linear`. img_mod.1 is the adaLN modulation
@@ -97,8 +99,6 @@ class CondRouter(nn.Module):
 
 
 def _install_routers(transformer: nn.Module) -> None:
-    import re
-
     pattern = re.compile(LORA_TARGETS.removesuffix(r"\.linear"))
     for name, mod in list(transformer.named_modules()):
         if isinstance(mod, nn.Linear) and pattern.fullmatch(name):
@@ -223,8 +223,6 @@ def _diffusers():
 
 
 def _codec(vae: nn.Module, tiled: bool = True) -> nn.Module:
-    from teasr_cli.codecs import DiffusersAutoencoder
-
     return DiffusersAutoencoder(vae, tiled=tiled)
 
 
@@ -246,8 +244,6 @@ def _plain_config(module: nn.Module) -> dict:
 
 def _snapshot(repo_id: str, revision: str, patterns: list[str]) -> Path:
     """Local snapshot folder (its name is the commit sha) from the Hub cache, downloading what is missing."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:   # HfHubHTTPError, LocalEntryNotFoundError, OSError...: all mean "cannot get the base"
@@ -332,82 +328,84 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model folders: config.json + model.safetensors (safetensors only)
+# Model folders (folders.py): config.json names the base (Hub repo + commit, or a tiny random config) and the
+# LoRA; model.safetensors holds trainable_state (plus the whole model when the base is tiny, which no Hub has)
 
-def save_pretrained(model: QwenImageTeasr, folder, config: dict | None = None) -> None:
-    """config.json (backbone, base repo + commit, LoRA rank/alpha) + model.safetensors, written atomically.
+class QwenImageBackbone(Backbone):
+    name = "qwen-image"
 
-    A Hub base stores only `trainable_state` (the base weights come from the Hub cache); a tiny random
-    base cannot be downloaded, so its folder holds the full tiny transformer and VAE.
-    """
-    from safetensors.torch import save_file
+    def build(self, config: dict, state: dict | None = None, dtype: torch.dtype | None = None) -> QwenImageTeasr:
+        """The base from config["base"] (the Hub cache, bf16 by default; or tiny) with the LoRA the config names.
+        A new model (no state) gets its prompt embedding from the base's text encoder, a tiny one from its seed."""
+        base, lora = config.get("base") or {}, config.get("lora")
+        rope = (config.get("model") or {}).get("cond_rope", "shared")
+        if state is not None and "prompt_embeds" not in state:
+            raise ModelError("model.safetensors has no prompt embedding: not a teasr qwen-image model")
+        prompt = None if state is None else state["prompt_embeds"]
+        if base.get("tiny") and prompt is None:
+            model = build_tiny(base.get("seed", 0), rope)
+        elif base.get("tiny"):   # random weights of the right shapes: load_pretrained fills them in
+            Transformer, Vae = _diffusers()
+            model = QwenImageTeasr(Transformer.from_config(base["transformer"]), _codec(Vae.from_config(base["vae"])),
+                                   prompt, cond_rope=rope, base=base)
+        elif base.get("repo_id") and base.get("revision"):
+            model = from_base(base["repo_id"], base["revision"], dtype or torch.bfloat16, prompt, cond_rope=rope)
+        else:
+            raise ModelError("config.json names no Qwen-Image base (expected base.repo_id and base.revision)")
+        if lora:
+            add_lora(model, lora["rank"], lora["alpha"])
+        return model
 
-    if model.offload_mode == "sequential":
-        raise TeasrError("save the model before enable_offload(..., 'sequential'): its weights are on the meta device")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"scale": 4, **(config or {}), "teasr_format": FORMAT_VERSION, "backbone": "qwen-image",
-           "base": model.base, "lora": model.lora, "model": model.config.to_dict()}
-    if model.base.get("tiny"):
-        state = dict(model.state_dict())
-        state.update({f"codec.vae.{k}": v for k, v in model.codec.vae.state_dict().items()})
-    else:
-        state = trainable_state(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(state, folder / "model.safetensors.tmp", metadata={"format": "pt"})
-    (folder / "config.json.tmp").write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
-    os.replace(folder / "config.json.tmp", folder / "config.json")
+    def new_config(self, train) -> dict:
+        if train.base == "tiny":
+            base = {"tiny": True, "seed": train.seed}
+        else:
+            repo, rev = parse_repo_spec(train.base)
+            base = {"repo_id": repo, "revision": rev or QWEN_IMAGE_BASE[1]}
+        return {"backbone": self.name, "scale": train.scale, "base": base}
+
+    def check(self, train) -> None:
+        if train.stage != "sad":
+            raise TeasrError("qwen-image is already a generative prior: train it with --stage sad")
+
+    def add_cond_lora(self, model: QwenImageTeasr, rank: int, alpha: float) -> None:
+        if model.lora is None:   # a loaded folder's LoRA is already in place and trainable: it continues as it is
+            add_lora(model, rank, alpha)
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return trainable_state(model)
+
+    def folder_state(self, model: QwenImageTeasr) -> dict[str, torch.Tensor]:
+        if model.offload_mode == "sequential":
+            raise TeasrError("save the model before enable_offload(..., 'sequential'): its weights are on the meta device")
+        if not model.base.get("tiny"):
+            return trainable_state(model)
+        return {**model.state_dict(), **{f"codec.vae.{k}": v for k, v in model.codec.vae.state_dict().items()}}
+
+    def folder_config(self, model: QwenImageTeasr, config: dict) -> dict:
+        return {"scale": 4, **config, "base": model.base, "lora": model.lora, "model": model.config.to_dict()}
+
+    def weights_dtype(self, mixed_precision: str) -> torch.dtype:
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32   # the 20B base is frozen: no fp32 copy
+
+    def export(self, model: QwenImageTeasr, config: dict, folder, ema: dict | None = None,
+               lora_rank: int | None = None, dtype: torch.dtype | None = None) -> Path:
+        """The LoRA stays peft's, as trained; EMA weights are swapped in and back, not deep-copied (20B)."""
+        if lora_rank is not None:
+            raise TeasrError("--lora-rank applies to native models; a qwen-image folder keeps its peft LoRA as trained")
+        params = dict(model.named_parameters())
+        live = {n: params[n].detach().clone() for n in (ema or {})}
+        with torch.no_grad():
+            for n, v in (ema or {}).items():
+                params[n].copy_(v)
+            try:
+                return save_pretrained(model, config, folder, dtype)
+            finally:
+                for n, v in live.items():
+                    params[n].copy_(v)
 
 
-def load_pretrained(folder, config: dict | None = None, dtype: torch.dtype | None = None, device=None) -> QwenImageTeasr:
-    """A model folder written by save_pretrained; a Hub base comes from the Hub cache (bf16 by default)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from teasr_cli.model import load_state_strict
-
-    folder = Path(folder)
-    if config is None:
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot read {folder / 'config.json'}: {e}") from None
-    base, lora = config.get("base") or {}, config.get("lora")
-    rope = (config.get("model") or {}).get("cond_rope", "shared")
-    try:
-        state = load_file(folder / "model.safetensors")
-    except (OSError, SafetensorError) as e:
-        raise ModelError(f"cannot read {folder / 'model.safetensors'}: {e}") from None
-    if "prompt_embeds" not in state:
-        raise ModelError(f"{folder / 'model.safetensors'} has no prompt embedding; it is not a teasr qwen-image model")
-    if base.get("tiny"):
-        Transformer, Vae = _diffusers()
-        vae = Vae.from_config(base["vae"])
-        vae.load_state_dict({k.removeprefix("codec.vae."): v for k, v in state.items() if k.startswith("codec.vae.")})
-        model = QwenImageTeasr(Transformer.from_config(base["transformer"]), _codec(vae), state["prompt_embeds"],
-                               cond_rope=rope, base=base)
-    elif base.get("repo_id") and base.get("revision"):
-        model = from_base(base["repo_id"], base["revision"], dtype or torch.bfloat16, state["prompt_embeds"], cond_rope=rope)
-    else:
-        raise ModelError(f"{folder / 'config.json'} names no Qwen-Image base (expected base.repo_id and base.revision)")
-    if lora:
-        add_lora(model, lora["rank"], lora["alpha"])
-    if base.get("tiny"):
-        load_state_strict(model, {k: v for k, v in state.items() if not k.startswith("codec.vae.")}, str(folder))
-    else:
-        own = trainable_state(model)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ModelError(f"weights in {folder / 'model.safetensors'} do not match its config.json: "
-                             f"{len(missing)} missing, {len(unexpected)} unexpected (e.g. {(missing + unexpected)[0]})")
-        model.load_state_dict(state, strict=False)   # load_state_dict copies into each tensor's own dtype
-    if dtype is not None:
-        model.to(dtype)
-    if device is not None:
-        model.to(device)
-        model.codec.to(device)
-    return model.eval()
+BACKBONE = QwenImageBackbone()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from ..errors import ImageReadError, ModelError, TeasrError
+from ..imageio import IMAGE_SUFFIXES, find_images, read_image
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,6 @@ FID_WEIGHTS = HubFile(
     revision="main",
     sha256="b7a528bf4051f62c057bc14657865abf180a23eb1748d00ff0933d84698202ed",
 )
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class FIDUnavailableError(ModelError):
@@ -310,21 +310,10 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"FID: {folder} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    files = find_images(folder)
     if not files:
-        raise ImageReadError(f"FID: no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}")
+        raise ImageReadError(f"FID: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
-
-
-def _read_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except Exception as e:
-        raise ImageReadError(f"FID: cannot read image {path}: {e}") from e
-    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 @torch.no_grad()
@@ -333,7 +322,7 @@ def folder_features(model: nn.Module, files: Iterable[Path], batch_size: int = 1
     """(N, 2048) features; images are resized to 299x299 one by one, so sizes may differ."""
     files, out = list(files), []
     for i in range(0, len(files), batch_size):
-        batch = [F.interpolate(_read_rgb(p)[None], size=(299, 299), mode="bilinear", align_corners=False)
+        batch = [F.interpolate(read_image(p).rgb[None], size=(299, 299), mode="bilinear", align_corners=False)
                  for p in files[i:i + batch_size]]
         out.append(model(torch.cat(batch).to(device)).double().cpu().numpy())
     return np.concatenate(out)
