@@ -1,8 +1,9 @@
 """Build the offline training/validation photo set used for the embedded model.
 
 Sources (all offline, see ../shared/ENVIRONMENT.md): scikit-image's sample photos, and the Debian packages
-lomiri-wallpapers-16.04 (CC-BY/CC-BY-SA), mate-backgrounds nature/ (GPL-2+) and opencv-doc samples,
-fetched with `apt-get download` and unpacked with `dpkg -x` (no install needed).
+lomiri-wallpapers-16.04 (CC-BY/CC-BY-SA), the two photos of lomiri-wallpapers-20.04 (CC-BY-SA-3.0; its
+other two are abstract), mate-backgrounds nature/ (GPL-2+), opencv-doc samples and matplotlib's grace_hopper
+portrait (public domain; the one close-up face, for skin), fetched with `apt-get download` and unpacked with `dpkg -x` (no install needed).
 
 JPEG sources are downscaled by at least 2 (Lanczos) so their compression artefacts do not become the
 "HQ" target; the longest side is capped so a crop still shows a meaningful part of a scene.
@@ -17,10 +18,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import matplotlib.cbook
 import numpy as np
 from PIL import Image
 
-DEBS = ["lomiri-wallpapers-16.04", "mate-backgrounds", "opencv-doc"]
+DEBS = ["lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "mate-backgrounds", "opencv-doc"]
+ABSTRACT = {"Fossa_by_Jasper_Roks", "Painting-Colors_by__herobrine7gamer"}   # lomiri-wallpapers-20.04's non-photos
 OPENCV_PHOTOS = ["baboon.jpg", "leuvenA.jpg", "leuvenB.jpg", "aloeL.jpg", "board.jpg", "graf1.png", "graf3.png",
                  "rubberwhale1.png", "ela_original.jpg", "fruits.jpg", "building.jpg", "home.jpg",
                  "pic1.png", "pic2.png", "pic3.png", "pic4.png", "pic5.png", "pic6.png", "stuff.jpg", "orange.jpg",
@@ -43,13 +46,15 @@ def fetch_debs(work: Path) -> Path:
 def sources(root: Path):
     bg = root / "usr/share/backgrounds"
     for f in sorted(bg.glob("*.jpg")):                      # lomiri wallpapers (photos)
-        yield f.stem, Image.open(f), True
+        if f.stem not in ABSTRACT:
+            yield f.stem, Image.open(f), True
     for f in sorted((bg / "mate/nature").glob("*.jpg")):
         yield f.stem, Image.open(f), True
     data = root / "usr/share/doc/opencv-doc/examples/data"
     for name in OPENCV_PHOTOS:
         if (data / name).exists():
             yield Path(name).stem, Image.open(data / name), name.endswith(".jpg")
+    yield "grace_hopper", Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")), True
     import skimage.data
     for name in SKIMAGE:
         arr = getattr(skimage.data, name)()
