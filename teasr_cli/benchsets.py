@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .degrade import LR_KINDS, PRESETS, make_lq
 from .errors import TeasrError
-from .imageio import IMAGE_SUFFIXES, find_images, read_image
+from .imageio import image_files, read_image
 
 SCALE = 4
 SHOW = 5   # offenders listed in an error message; the rest are counted
@@ -110,18 +110,6 @@ def check_degrade(name: str) -> str:
 
 # ------------------------------------------------------------------ folders
 
-def list_images(folder: Path, role: str) -> list[Path]:
-    folder = Path(folder)
-    if not folder.exists():
-        raise DatasetError(f"{role} folder {folder} does not exist")
-    if not folder.is_dir():
-        raise DatasetError(f"{role} folder {folder} is a file, not a folder")
-    files = find_images(folder)
-    if not files:
-        raise DatasetError(f"{role} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
 # Trailing tokens benchmark sets put on one side only: Canon_003_LR4 / Canon_003_HR, 0801x4 / 0801, img_lq / img_gt.
 _TOKEN = re.compile(r"(?:[_\-. ]?(?:lr|hr|lq|gt|sr)\d*|[_\-. ]?x\d+)$", re.IGNORECASE)
 
@@ -156,7 +144,7 @@ def _by_key(files: list[Path], role: str, folder: Path, keyfn=match_key) -> dict
 def pair_folders(lq_dir, hq_dir) -> list[Pair]:
     """Match LQ and HQ files by name (exact stem first, then with LR/HR tokens dropped)."""
     lq_dir, hq_dir = Path(lq_dir), Path(hq_dir)
-    lqs, hqs = list_images(lq_dir, "LQ"), list_images(hq_dir, "HQ")
+    lqs, hqs = image_files(lq_dir, "LQ folder", DatasetError), image_files(hq_dir, "HQ folder", DatasetError)
     _by_key(lqs, "LQ", lq_dir, keyfn=str)   # a.png beside a.jpg: refuse rather than pick one
     hq_by_stem = _by_key(hqs, "HQ", hq_dir, keyfn=str)
     pairs = {p: hq_by_stem[p.stem] for p in lqs if p.stem in hq_by_stem}
@@ -178,7 +166,8 @@ def pair_folders(lq_dir, hq_dir) -> list[Pair]:
 def synthetic_pairs(hq_dir, degrade: str, seed: int = 0) -> list[Pair]:
     """HQ photos whose LQ is made on the fly (see Pair)."""
     check_degrade(degrade)
-    return [Pair(p.stem, None, p, degrade, seed, i) for i, p in enumerate(list_images(Path(hq_dir), "HQ"))]
+    hqs = image_files(hq_dir, "HQ folder", DatasetError)
+    return [Pair(p.stem, None, p, degrade, seed, i) for i, p in enumerate(hqs)]
 
 
 def _header_size(path: Path) -> tuple[int, int]:

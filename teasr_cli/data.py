@@ -1,4 +1,5 @@
-"""Training images: a folder (recursive), a text file list, or a Hugging Face dataset id; HQ crops + online degradation."""
+"""Training images: a folder (recursive), a text file list, or a Hugging Face dataset id; HQ crops + online
+degradation."""
 from __future__ import annotations
 
 import re
@@ -29,7 +30,8 @@ def list_images(source: str) -> list[Path]:
             root = snapshot_download(repo, repo_type="dataset", revision=rev or None,
                                      allow_patterns=[f"*{s}" for s in IMAGE_SUFFIXES])
         except Exception as e:   # hub errors carry long multi-line texts; one line is enough here
-            raise TeasrError(f"cannot get dataset {source!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+            why = str(e).splitlines()[0]
+            raise TeasrError(f"cannot get dataset {source!r} from the Hugging Face Hub: {why}") from None
         return list_images(root)
     else:
         raise TeasrError(f"--data {source}: no such folder or .txt list, and not a Hub dataset id (org/name)")

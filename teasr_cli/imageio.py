@@ -286,6 +286,16 @@ def find_images(folder, pattern: str = "*", recursive: bool = False, exclude=Non
                   and p.is_file() and (skip is None or skip not in p.resolve().parents))
 
 
+def image_files(folder, what: str, error: type[Exception] = ImageReadError) -> list[Path]:
+    """find_images(folder) where the folder must exist and hold images; else one line `error` naming `what`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise error(f"{what} {folder} " + ("is a file, not a folder" if folder.exists() else "does not exist"))
+    if not (files := find_images(folder)):
+        raise error(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
 # ---------------------------------------------------------------- tensors
 
 def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

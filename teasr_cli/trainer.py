@@ -1,5 +1,6 @@
 """Training loop: stage `prior` (conditional flow matching, all weights), stage `sad` (SAD + TAR, LoRA on the
-condition branch) and stage `regress` (the plain one-pass regression baseline: MSE + LPIPS, all weights), with accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
+condition branch) and stage `regress` (the plain one-pass regression baseline: MSE + LPIPS, all weights), with
+accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
 from __future__ import annotations
 
 import json
@@ -225,7 +226,8 @@ def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ema = {} if use_ema and cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema)
-    return export_model(model, mcfg, Path(out), ema or None, {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}},
+    meta = {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}}
+    return export_model(model, mcfg, Path(out), ema or None, meta,
                         dtype=dtype, lora_rank=lora_rank)
 
 

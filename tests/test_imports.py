@@ -86,5 +86,6 @@ def test_a_native_model_loads_without_the_big_backbone_extras(tiny_model_dir):
     code = ("import sys; from teasr_cli.folders import load_pretrained; load_pretrained(sys.argv[1]); "
             "print(sorted(m for m in ('diffusers', 'peft', 'transformers', 'teasr_cli.backbones.qwen_image') "
             "if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-500:]

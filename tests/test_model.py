@@ -293,9 +293,10 @@ def test_save_load_round_trip_is_bitwise(make_model, tmp_path):
     assert not loaded.training
     z, zl = latents(H=7, W=5)
     assert torch.equal(run(loaded, z, 0.5, zl, 0.0), run(model, z, 0.5, zl, 0.0))
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]  # no temp files
     # readable like any new file (safetensors alone would write 0600)
-    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == (tmp_path / "m" / "config.json").stat().st_mode & 0o777
+    mode = lambda name: (tmp_path / "m" / name).stat().st_mode & 0o777   # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")
 
 
 def test_save_load_round_trip_with_a_conv_head(make_model, tmp_path):

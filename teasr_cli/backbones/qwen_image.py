@@ -377,7 +377,8 @@ class QwenImageBackbone(Backbone):
 
     def folder_state(self, model: QwenImageTeasr) -> dict[str, torch.Tensor]:
         if model.offload_mode == "sequential":
-            raise TeasrError("save the model before enable_offload(..., 'sequential'): its weights are on the meta device")
+            raise TeasrError("save the model before enable_offload(..., 'sequential'): "
+                             "its weights are on the meta device")
         if not model.base.get("tiny"):
             return trainable_state(model)
         return {**model.state_dict(), **{f"codec.vae.{k}": v for k, v in model.codec.vae.state_dict().items()}}

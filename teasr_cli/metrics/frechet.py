@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import linalg
 
-from ..errors import ImageReadError, ModelError, TeasrError
-from ..imageio import IMAGE_SUFFIXES, find_images, read_image
+from ..errors import ModelError, TeasrError
+from ..imageio import image_files, read_image
 
 
 @dataclass(frozen=True)
@@ -306,16 +306,6 @@ def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(diff @ diff + (xa * xa).sum() + (xb * xb).sum() - 2 * tr_covmean)
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageReadError(f"FID: {folder} is not a folder of images")
-    files = find_images(folder)
-    if not files:
-        raise ImageReadError(f"FID: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return files
-
-
 @torch.no_grad()
 def folder_features(model: nn.Module, files: Iterable[Path], batch_size: int = 16,
                     device: str | torch.device = "cpu") -> np.ndarray:
@@ -334,7 +324,7 @@ def fid(folder_a: str | Path, folder_b: str | Path, batch_size: int = 16,
 
     Raises FIDUnavailableError (a TeasrError) when the Inception weights cannot be obtained.
     """
-    files_a, files_b = list_images(folder_a), list_images(folder_b)
+    files_a, files_b = (image_files(f, "FID: folder") for f in (folder_a, folder_b))
     model = load_fid_inception(weights_path).to(device)
     return fid_from_features(folder_features(model, files_a, batch_size, device),
                              folder_features(model, files_b, batch_size, device))
