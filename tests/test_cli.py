@@ -2,16 +2,19 @@
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, small_photo, to_tensor
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error, small_photo, to_tensor
+from teasr_cli.batch import RECORD
 from teasr_cli.cli import app
+from teasr_cli.pipeline import Upscaler, UpscaleSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--threads", "1"]
@@ -39,8 +42,9 @@ def cat(tmp_path):
 
 
 def snapshot(folder: Path) -> dict:
-    """{relative path: (bytes, mtime_ns)} of every file under folder."""
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """{relative path: (bytes, mtime_ns)} of every file under folder but a batch's settings record."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != RECORD}
 
 
 # ------------------------------------------------------------------ upscale
@@ -137,8 +141,8 @@ def test_unreadable_inputs_give_one_line_and_write_nothing(cli, tmp_path, case, 
     (["--model", "no-such-model"], ["unknown model", "no-such-model"]),
     (["--model", "./missing-folder"], ["does not exist"]),
     (["-o", "missing-dir/out.png"], ["does not exist"]),
-    (["-f", "gif"], ["unknown output format"]),
-    (["--color-fix", "sepia"], ["colour fix"]),
+    (["-o", "out.gif"], ["unknown output suffix"]),
+    (["-o", "out.png", "-f", "jpg"], ["another format", "out.jpg"]),
 ])
 def test_bad_options_give_one_line_errors(cli, cat, tiny_model_dir, args, words, monkeypatch):
     monkeypatch.chdir(cat)
@@ -282,7 +286,7 @@ def test_shipped_weights_with_fidelity_keep_a_clean_input_within_a_db_of_bicubic
     import torch
 
     from teasr_cli.metrics import LPIPS, psnr_y
-    from teasr_cli.pipeline import UpscaleSettings, Upscaler
+    from teasr_cli.pipeline import Upscaler, UpscaleSettings
 
     hr = small_photo("chelsea", (192, 128))
     lr = hr.resize((48, 32), Image.Resampling.BICUBIC)
@@ -294,3 +298,168 @@ def test_shipped_weights_with_fidelity_keep_a_clean_input_within_a_db_of_bicubic
         psnr = {k: psnr_y(x, hr).item() for k, x in (("bic", bic), ("blind", blind), ("fid", fid))}
         assert psnr["fid"] > psnr["bic"] - 0.5 and psnr["fid"] > psnr["blind"] + 1, psnr   # measured 29.1 / 28.7 / 26.3
         assert lpips(fid, hr).item() < lpips(bic, hr).item() - 0.1                            # measured 0.23 vs 0.38
+
+
+# ------------------------------------------------------------------ conventions (issue 22)
+
+def test_version_short_help_and_choices_in_help(cli):
+    from teasr_cli import __version__
+
+    for flag in ("--version", "-V"):
+        result = cli(flag, model=False)
+        assert result.exit_code == 0 and result.output.strip() == f"teasr {__version__}"
+    assert cli("-h", model=False).exit_code == 0
+    text = CliRunner().invoke(app, ["upscale", "-h"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"}).output
+    for choices in ("wavelet|adain|none", "auto|fp32|bf16|fp16", "none|model|sequential", "png|jpg|jpeg|webp",
+                    "auto|cpu|cuda|cuda:N|mps", "org/name[@revision]"):
+        assert choices in text, choices
+    bad = cli("upscale", "x.png", "--color-fix", "sepia")
+    assert bad.exit_code == 2 and "'sepia' is not one of" in " ".join(bad.output.split())
+
+
+def test_shell_completion_completes_commands(tmp_path):
+    teasr = Path(sys.executable).with_name("teasr")
+    script = subprocess.run([teasr, "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and "_TEASR_COMPLETE" in script.stdout, script.stdout + script.stderr
+    env = {**os.environ, "_TEASR_COMPLETE": "complete_bash", "COMP_WORDS": "teasr up", "COMP_CWORD": "1"}
+    done = subprocess.run([teasr], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["upscale"], done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("args,name,size", [
+    (["-s", "2"], "cat_x2.png", (64, 48)),
+    (["--scale", "3.5", "--suffix", "-big"], "cat-big.png", (112, 84)),
+    (["-s", "0.5", "-f", "jpg"], "cat_x0.5.jpg", (16, 12)),
+])
+def test_scale_gives_exactly_that_size_and_the_summary_line(cli, cat, args, name, size):
+    result = cli("upscale", cat / "cat.png", *args)
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(rf"wrote {re.escape(str(cat / name))} \({size[0]}x{size[1]}\) in \d+ s", result.output.strip())
+    with Image.open(cat / name) as img:
+        assert img.size == size
+
+
+def test_out_png_with_format_jpg_is_refused_before_any_work(cli, cat):
+    before = snapshot(cat)
+    assert_one_line_error(cli("upscale", cat / "cat.png", "-o", cat / "out.png", "-f", "jpg"), "out.jpg")
+    assert snapshot(cat) == before
+    assert cli("upscale", cat / "cat.png", "-o", cat / "out.jpeg", "-f", "jpg").exit_code == 0
+
+
+def test_fp16_on_a_cpu_is_refused_and_bf16_without_amx_warns(cli, cat, monkeypatch):
+    assert_one_line_error(cli("upscale", cat / "cat.png", "--dtype", "fp16"), "fp16 is for GPUs")
+    assert not (cat / "cat_x4.png").exists()
+    import teasr_cli.pipeline
+
+    monkeypatch.setattr(teasr_cli.pipeline, "cpu_multiplies_bf16", lambda: False)
+    result = cli("upscale", cat / "cat.png", "--dtype", "bf16")
+    assert result.exit_code == 0 and "warning:" in result.output and "no AMX" in result.output, result.output
+
+
+def test_batch_rerun_with_other_settings_warns_and_keeps_then_overwrite_redoes(cli, album, tmp_path):
+    out = tmp_path / "out"
+    args = ["batch", album, "-o", out, "--glob", "[ab].*"]
+    assert cli(*args).exit_code == 0
+    made = snapshot(out)
+    resumed = cli(*args)
+    assert resumed.exit_code == 0 and "warning" not in resumed.output and snapshot(out) == made
+    assert "0/0" not in resumed.output and "eta" not in resumed.output   # nothing to do: no empty bar
+    other = cli(*args, "--steps", "2")
+    text = " ".join(other.output.split())
+    assert other.exit_code == 0 and "warning: 2 output(s)" in text and "steps 1 -> 2" in text, other.output
+    assert re.search(r"kept \(other settings\)\s*│\s*2 ", other.output) and snapshot(out) == made
+    redo = cli(*args, "--steps", "2", "--overwrite")
+    assert redo.exit_code == 0 and re.search(r"upscaled\s*│\s*2 ", redo.output), redo.output
+    assert snapshot(out).keys() == made.keys() and snapshot(out) != made
+    assert "warning" not in cli(*args, "--steps", "2").output     # the record now says steps 2
+
+
+def test_batch_glob_ignores_the_case_of_extensions(cli, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    small_photo("coffee", (16, 12)).save(src / "UPPER.PNG")
+    small_photo("chelsea", (16, 12)).save(src / "lower.png")
+    result = cli("batch", src, "-o", tmp_path / "out", "--glob", "*.png", "-s", "2", "--suffix", "_x2")
+    assert result.exit_code == 0, result.output
+    assert sorted(map(str, snapshot(tmp_path / "out"))) == ["UPPER_x2.PNG", "lower_x2.png"]
+    with Image.open(tmp_path / "out" / "UPPER_x2.PNG") as img:
+        assert img.size == (32, 24)
+
+
+def test_ctrl_c_in_a_terminal_says_interrupted_exits_130_and_leaves_nothing(tmp_path, tiny_model_dir):
+    """A real process in a pseudo-terminal: the bar shows tiles x passes with an ETA; SIGINT once it moves."""
+    import pty
+    import select
+    import signal as sig
+
+    small_photo("astronaut", (192, 160)).save(tmp_path / "a.png")
+    before = snapshot(tmp_path)
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "teasr_cli", "upscale", "a.png", "--model", tiny_model_dir,
+                             "--steps", "8", "--tile", "8", *FAST], cwd=tmp_path, env=env,
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen, sent, ansi = b"", False, re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 60)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:   # the process has ended
+                break
+            if not chunk:
+                break
+            seen += ansi.sub(b"", chunk)
+            if not sent and re.search(rb"upscaling a\.png.* [1-9]\d*/\d+ .*eta \d", seen):
+                proc.send_signal(sig.SIGINT)
+                sent = True
+    finally:
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.wait(timeout=60) == 130 and sent, text
+    assert "interrupted" in text and "Traceback" not in text, text
+    totals = {int(n) for n in re.findall(r" \d+/(\d+) ", text)}
+    up = Upscaler.from_pretrained(tiny_model_dir, device="cpu", progress=False)
+    assert totals == {up.work(160, 192, UpscaleSettings(steps=8, tile=8))}, text   # 9 passes (anchor) x tiles
+    assert snapshot(tmp_path) == before                              # no output, no temp file
+
+
+@pytest.fixture
+def run_dir(tmp_path_factory, tiny_model_dir):
+    """A real one-step training run (tiny model, three small real photos), to export."""
+    root = tmp_path_factory.mktemp("train")
+    for name in ("astronaut", "chelsea", "coffee"):
+        small_photo(name, (64, 48)).save(root / f"{name}.png")
+    recipe = root / "tiny.toml"
+    recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
+                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
+                      'batch_size = 1\n[stages.prior]\nlr = 1e-3\n')
+    run = root / "run"
+    result = _teasr("train", "-c", recipe, "--data", root, "--out", run, "--steps", "1", "--crop", "32",
+                    "--threads", "1", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_export_refuses_to_replace_a_folder_without_overwrite(cli, run_dir, tmp_path):
+    dst = tmp_path / "model"
+    ok = cli("export", run_dir, "-o", dst, model=False)
+    assert ok.exit_code == 0 and "fp32 weights" in ok.output and "--half" in ok.output, ok.output
+    weights = (dst / "model.safetensors").read_bytes()
+    assert_one_line_error(cli("export", run_dir, "-o", dst, "--half", model=False), "exists", "--overwrite")
+    alias = cli("train", "--export", run_dir, "-o", dst, "--half", model=False)
+    assert alias.exit_code == 2 and "teasr export" in alias.output and "--overwrite" in alias.output
+    assert (dst / "model.safetensors").read_bytes() == weights
+    half = cli("train", "--export", run_dir, "-o", dst, "--half", "--overwrite", model=False)
+    assert half.exit_code == 0 and "fp16 weights" in half.output, half.output
+    assert (dst / "model.safetensors").stat().st_size < len(weights) * 0.6
+
+
+def test_fid_is_in_the_default_metrics_only_from_a_few_hundred_images():
+    from teasr_cli import evaluation as ev
+
+    assert ev.default_metrics(2) == ["psnr", "ssim", "lpips", "dists", "niqe"]
+    assert ev.default_metrics(ev.FID_MIN_IMAGES - 1)[-1] != "fid" and ev.default_metrics(ev.FID_MIN_IMAGES)[-1] == "fid"

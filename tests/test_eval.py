@@ -193,7 +193,6 @@ def _empty(tmp_path):
     (lambda t: ("--hq", t, "--degrade", "bicubic", "--steps", "0"), ["--steps", "at least 1"]),
     (lambda t: ("--hq", t, "--degrade", "bicubic", "--metrics", "psnr,musiq"), ["unknown metric", "musiq", "lpips"]),
     (lambda t: ("--hq", t, "--degrade", "bicubic", "--baseline", "nearest"), ["unknown baseline", "lanczos"]),
-    (lambda t: ("--hq", t, "--degrade", "bicubic", "--color-fix", "sepia"), ["unknown --color-fix", "wavelet"]),
 ])
 def test_bad_inputs_give_one_line_errors(cli, tmp_path, make, words):
     args = make(tmp_path)
