@@ -137,7 +137,11 @@ class Upscaler:
 
     @classmethod
     def from_pretrained(cls, spec=None, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                        progress: bool = True, offload: str = "none") -> "Upscaler":
+                        progress: bool = True, offload: str = "none", revision: str | None = None) -> "Upscaler":
+        if revision is not None:   # huggingface_hub's keyword, beside the "org/name@revision" spelling
+            if spec is None or "@" in str(spec):
+                raise TeasrError(f"revision={revision!r} needs a Hub repo id without '@revision' of its own")
+            spec = f"{spec}@{revision}"
         set_threads(threads)
         folder = resolve_model(spec, progress=progress)
         model, config = load_pretrained(folder)

@@ -11,7 +11,7 @@ from skimage import data as skdata
 
 from hubserver import point_hub_at, serve_hub
 from teasr_cli import hub
-from teasr_cli.errors import ModelError
+from teasr_cli.errors import ModelError, TeasrError
 
 
 def _model_files(seed: int) -> dict[str, bytes]:
@@ -238,3 +238,29 @@ def test_fake_hub_serves_snapshot_download_and_datasets(fake_hub, tmp_path):
     zip_path = hf_hub_download("org/images", "pairs.zip", repo_type="dataset")
     assert open(zip_path, "rb").read() == REPOS["datasets/org/images"]["main"]["pairs.zip"]
     assert fake_hub.count("/datasets/org/images/resolve/main/pairs.zip", "HEAD") == 1
+
+
+def test_upscaler_takes_the_revision_as_a_keyword_too(monkeypatch, tmp_path):
+    """Upscaler.from_pretrained(repo, revision=...) as huggingface_hub users write it, on a real tiny model."""
+    import torch
+
+    from conftest import build_model
+    from teasr_cli.codecs import PixelUnshuffleCodec
+    from teasr_cli.folders import model_config, save_pretrained
+    from teasr_cli.pipeline import Upscaler
+
+    files = {}
+    for rev, seed in (("main", 0), ("v1", 1)):
+        model = build_model(seed=seed)
+        folder = save_pretrained(model, model_config(model.config, PixelUnshuffleCodec(4).config()), tmp_path / rev)
+        files[rev] = {name: (folder / name).read_bytes() for name in hub.MODEL_FILES}
+    with serve_hub({"org/tiny": files}) as (endpoint, server):
+        point_hub_at(monkeypatch, endpoint, tmp_path / "hf-cache")
+        kw = Upscaler.from_pretrained("org/tiny", revision="v1", device="cpu", progress=False)
+        at = Upscaler.from_pretrained("org/tiny@v1", device="cpu", progress=False)
+        main = Upscaler.from_pretrained("org/tiny", device="cpu", progress=False)
+        assert kw.folder == at.folder != main.folder and kw.folder.name == server.commit("org/tiny", "v1")
+        lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(kw.upscale_tensor(lq), at.upscale_tensor(lq))
+        with pytest.raises(TeasrError, match="revision="):
+            Upscaler.from_pretrained("org/tiny@v1", revision="main", progress=False)
