@@ -397,6 +397,7 @@ def _export(run: Path, output: Path, half: bool, no_ema: bool, lora_rank: int | 
     import torch
 
     from teasr_cli import trainer
+    from teasr_cli.card import write_model_card
 
     if output.exists() and not overwrite:
         fail(f"{output} exists; pass --overwrite to replace it, or choose another -o")
@@ -404,6 +405,7 @@ def _export(run: Path, output: Path, half: bool, no_ema: bool, lora_rank: int | 
         with console.status("exporting..."):
             folder = trainer.export_checkpoint(run, output, use_ema=not no_ema,
                                                dtype=torch.float16 if half else None, lora_rank=lora_rank)
+            write_model_card(folder, run, "fp16" if half else "fp32")
     except TeasrError as e:
         fail(str(e))
     weights = Path(folder) / "model.safetensors"
@@ -427,7 +429,8 @@ def export(
     half: bool = HalfOpt, no_ema: bool = NoEmaOpt, lora_rank: int | None = LoraRankOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
 ):
-    """Export a training run to a plain model folder for `teasr upscale -m`."""
+    """Export a training run to a plain model folder for `teasr upscale -m`, with a model card (README.md) for the
+    Hugging Face Hub."""
     _export(run, output, half, no_ema, lora_rank, overwrite)
 
 

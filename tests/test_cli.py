@@ -428,8 +428,9 @@ def test_ctrl_c_in_a_terminal_says_interrupted_exits_130_and_leaves_nothing(tmp_
 
 
 @pytest.fixture
-def run_dir(tmp_path_factory, tiny_model_dir):
-    """A real one-step training run (tiny model, three small real photos), to export."""
+def run_dir(tmp_path_factory):
+    """A real one-step training run (tiny model, three small real photos), to export, made with the README's
+    multi-process form `accelerate launch -m teasr_cli train ...` (one process here, no accelerate config)."""
     root = tmp_path_factory.mktemp("train")
     for name in ("astronaut", "chelsea", "coffee"):
         small_photo(name, (64, 48)).save(root / f"{name}.png")
@@ -438,9 +439,13 @@ def run_dir(tmp_path_factory, tiny_model_dir):
                       'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
                       'batch_size = 1\n[stages.prior]\nlr = 1e-3\n')
     run = root / "run"
-    result = _teasr("train", "-c", recipe, "--data", root, "--out", run, "--steps", "1", "--crop", "32",
-                    "--threads", "1", cwd=root)
-    assert result.returncode == 0, result.stderr
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(root / "hf")}   # no user accelerate config
+    result = subprocess.run([accelerate, "launch", "-m", "teasr_cli", "train", "-c", recipe, "--data", root, "--out",
+                             run, "--steps", "1", "--crop", "32", "--threads", "1"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "done: model in" in result.stderr, result.stderr
+    assert (run / "ckpt-0000001").is_dir()
     return run
 
 
@@ -449,6 +454,10 @@ def test_export_refuses_to_replace_a_folder_without_overwrite(cli, run_dir, tmp_
     ok = cli("export", run_dir, "-o", dst, model=False)
     assert ok.exit_code == 0 and "fp32 weights" in ok.output and "--half" in ok.output, ok.output
     weights = (dst / "model.safetensors").read_bytes()
+    card = (dst / "README.md").read_text()
+    front = card.split("---\n")[1]   # the Hub's metadata header
+    assert 'license: "apache-2.0"' in front and 'library_name: "teasr"' in front and '"super-resolution"' in front
+    assert '"crop": 32' in card and "stage `prior`" in card and "fp32 weights" in card
     assert_one_line_error(cli("export", run_dir, "-o", dst, "--half", model=False), "exists", "--overwrite")
     alias = cli("train", "--export", run_dir, "-o", dst, "--half", model=False)
     assert alias.exit_code == 2 and "teasr export" in alias.output and "--overwrite" in alias.output
@@ -456,6 +465,7 @@ def test_export_refuses_to_replace_a_folder_without_overwrite(cli, run_dir, tmp_
     half = cli("train", "--export", run_dir, "-o", dst, "--half", "--overwrite", model=False)
     assert half.exit_code == 0 and "fp16 weights" in half.output, half.output
     assert (dst / "model.safetensors").stat().st_size < len(weights) * 0.6
+    assert "fp16 weights" in (dst / "README.md").read_text()
 
 
 def test_fid_is_in_the_default_metrics_only_from_a_few_hundred_images():
@@ -463,3 +473,12 @@ def test_fid_is_in_the_default_metrics_only_from_a_few_hundred_images():
 
     assert ev.default_metrics(2) == ["psnr", "ssim", "lpips", "dists", "niqe"]
     assert ev.default_metrics(ev.FID_MIN_IMAGES - 1)[-1] != "fid" and ev.default_metrics(ev.FID_MIN_IMAGES)[-1] == "fid"
+
+
+def test_model_card_names_the_hub_base_model_only_when_there_is_one():
+    from teasr_cli.card import model_card
+
+    assert 'base_model: "Qwen/Qwen-Image-2512"' in model_card("m", {"backbone": "qwen-image",
+                                                                     "base": "Qwen/Qwen-Image-2512@abc"})
+    assert 'base_model: "org/prior"' in model_card("m", {"backbone": "native", "init": "org/prior@v1"})
+    assert "base_model" not in model_card("m", {"backbone": "native", "init": None})
