@@ -13,7 +13,7 @@ from huggingface_hub import snapshot_download
 
 from teasr_cli.degrade import random_crop_flip
 from teasr_cli.errors import TeasrError
-from teasr_cli.imageio import IMAGE_SUFFIXES, find_images, read_image
+from teasr_cli.imageio import IMAGE_SUFFIXES, find_images, read_rgb8
 
 
 def list_images(source: str) -> list[Path]:
@@ -63,7 +63,7 @@ class HQImages:
         if i in self.skipped:
             return None
         try:
-            img = (read_image(self.files[i]).rgb * 255).round_().to(torch.uint8)   # 8-bit files: their exact values
+            img = read_rgb8(self.files[i])
         except Exception:   # a bad file in a 90k-image set must not end a long run
             img = None
         if img is not None and min(img.shape[1:]) < self.crop:

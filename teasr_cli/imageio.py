@@ -95,6 +95,16 @@ def _reason(e: Exception) -> str:
 
 def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Picture:
     """Read an image file into a Picture; every failure is a one-line ImageReadError."""
+    return _read(path, max_pixels, _picture)
+
+
+def read_rgb8(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """(3, H, W) uint8 RGB of an image file, orientation applied and alpha dropped: the pixels read_image gives,
+    without a float copy of the whole photo (training reads many big ones). 16-bit files are rounded to 8 bit."""
+    return _read(path, max_pixels, _rgb8)
+
+
+def _read(path, max_pixels: int | None, convert):
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: no such file; check the path")
@@ -106,7 +116,7 @@ def read_image(path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Picture:
         try:
             with Image.open(path) as img:
                 _check_size(img.size, max_pixels, str(path))
-                return _picture(img, _read_deep(img, path), str(path))
+                return convert(img, _read_deep(img, path), str(path))
         except ImageReadError:
             raise
         except UnidentifiedImageError as e:
@@ -193,10 +203,11 @@ def _unpremultiply(arr: np.ndarray) -> np.ndarray:
     return np.concatenate([np.clip(np.rint(color), 0, 65535), a], -1).astype(np.uint16)
 
 
-def _picture(img: Image.Image, deep: np.ndarray | None, name: str) -> Picture:
+def _decode(img: Image.Image, deep: np.ndarray | None, name: str) -> tuple[np.ndarray, bytes | None, bytes | None]:
+    """(upright (H, W, C) uint8/uint16 pixels, ICC profile, EXIF with the orientation reset)."""
     if getattr(img, "is_animated", False) and img.format != "MPO":  # MPO: phone JPEG + extras
         warnings.warn(f"{name} is animated or has several frames: only the first frame is upscaled",
-                      stacklevel=3)
+                      stacklevel=5)  # read_image's caller
         img.seek(0)
     if deep is None:
         img.load()  # decode here, inside the caller's try: a cut file must fail now
@@ -205,7 +216,20 @@ def _picture(img: Image.Image, deep: np.ndarray | None, name: str) -> Picture:
         arr, icc = deep, img.info.get("icc_profile") or None
     # After load: Pillow rotates TIFFs itself while loading and then drops their tag.
     exif, orientation = _exif(img, name)
-    arr = _orient(arr, orientation)
+    return _orient(arr, orientation), icc, exif
+
+
+def _rgb8(img: Image.Image, deep: np.ndarray | None, name: str) -> torch.Tensor:
+    arr = _decode(img, deep, name)[0]
+    arr = arr[..., :-1] if arr.shape[-1] in (2, 4) else arr
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr / 257.0).astype(np.uint8)   # v * 255 / 65535, as read_image's floats would round
+    arr = np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)   # a copy only if needed
+
+
+def _picture(img: Image.Image, deep: np.ndarray | None, name: str) -> Picture:
+    arr, icc, exif = _decode(img, deep, name)
     bits = 16 if arr.dtype == np.uint16 else 8
     x = torch.from_numpy(arr.astype(np.float32) / (65535.0 if bits == 16 else 255.0)).permute(2, 0, 1)
     color = x[:-1] if x.shape[0] in (2, 4) else x
@@ -246,7 +270,7 @@ def _cmyk_to_rgb(img: Image.Image, icc: bytes | None, name: str) -> tuple[Image.
             return out, srgb.tobytes()
         except (ImageCms.PyCMSError, OSError, ValueError) as e:
             warnings.warn(f"{name}: its CMYK colour profile is unusable ({_reason(e)}); "
-                          "converting CMYK to RGB without it", stacklevel=4)
+                          "converting CMYK to RGB without it", stacklevel=7)
     return img.convert("RGB"), None
 
 
@@ -262,7 +286,7 @@ def _exif(img: Image.Image, name: str) -> tuple[bytes | None, int]:
             exif[ORIENTATION] = 1
         data = exif.tobytes() if len(exif) else None
     except Exception as e:  # broken EXIF must not cost the user the picture
-        warnings.warn(f"{name}: unreadable EXIF metadata is dropped ({_reason(e)})", stacklevel=4)
+        warnings.warn(f"{name}: unreadable EXIF metadata is dropped ({_reason(e)})", stacklevel=6)
         return None, 1
     return data, orientation if orientation in range(1, 9) else 1
 

@@ -565,3 +565,28 @@ def test_atomic_path_replaces_a_whole_folder(tmp_path):
         assert not (tmp / "state.json").exists() and (final / "stale.safetensors").exists()   # old one until done
         (tmp / "state.json").write_text("{}")
     assert os.listdir(tmp_path) == ["ckpt-0000002"] and os.listdir(final) == ["state.json"]
+
+
+@pytest.mark.parametrize("kind", ["rgb-jpeg-rotated", "gray", "rgba", "rgb16", "palette"])
+def test_read_rgb8_gives_read_images_pixels_in_8_bit(tmp_path, photo, gray_photo, deep, kind):
+    """The training reader: the same upright RGB as read_image, as uint8 (exact for 8-bit files), alpha dropped."""
+    path = tmp_path / ("a.jpg" if kind.endswith("jpeg-rotated") else "a.png")
+    if kind == "rgb-jpeg-rotated":
+        exif = Image.Exif()
+        exif[ORIENTATION] = 8
+        Image.fromarray(photo).save(path, quality=95, exif=exif)
+    elif kind == "gray":
+        Image.fromarray(gray_photo).save(path)
+    elif kind == "rgba":
+        Image.fromarray(np.dstack([photo, photo[..., :1]])).save(path)
+    elif kind == "rgb16":
+        path.write_bytes(imagecodecs.png_encode(deep))
+    else:
+        Image.fromarray(photo).quantize(64).save(path)
+    x = tio.read_rgb8(path)
+    ref = (read_image(path).rgb * 255).round().to(torch.uint8)
+    assert x.dtype == torch.uint8 and x.shape[0] == 3 and torch.equal(x, ref)
+    if kind == "rgb-jpeg-rotated":
+        assert x.shape[1:] == (photo.shape[1], photo.shape[0])   # turned upright: 128 x 96
+    if kind == "rgb16":   # rounded, not truncated: 0x12ff -> 0x13
+        assert torch.equal(x, torch.from_numpy(np.rint(deep / 257.0).astype(np.uint8)).permute(2, 0, 1))
