@@ -435,6 +435,30 @@ def export(
 
 
 @app.command(epilog="""[bold]Examples[/]\n
+  teasr export runs/sad -o my-model --half && teasr push my-model my-org/teasr-photo\n
+  HF_TOKEN=hf_... teasr push my-model my-org/teasr-photo --private""")
+def push(
+    folder: Path = typer.Argument(..., help="A model folder (from `teasr export`): config.json, "
+                                  "model.safetensors and its README.md card."),
+    repo: str = typer.Argument(..., help="Hub repo `org/name\\[@branch]`; created if it does not exist."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
+):
+    """Upload an exported model folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    from huggingface_hub.utils import logging as hf_logging
+
+    from teasr_cli.hub import push_model
+
+    hf_logging.set_verbosity_error()
+    try:
+        with console.status(f"pushing {folder} to {repo}..."):
+            url = push_model(folder, repo, private=private, message=message)
+    except TeasrError as e:
+        fail(str(e))
+    say(f"pushed {folder} to {url}")
+
+
+@app.command(epilog="""[bold]Examples[/]\n
   teasr train --data photos/ --out runs/prior --config train/tiny-cpu.toml --stage prior\n
   teasr train --data photos/ --out runs/sad --stage sad --init runs/prior/model --steps 2000\n
   teasr train --out runs/sad --resume                  [dim]# continue after a kill[/]\n

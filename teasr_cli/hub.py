@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
@@ -185,6 +185,27 @@ def _download(repo_id: str, revision: str | None, cache_dir, progress: bool) -> 
     if missing := _missing(folder):  # all files of one commit share a snapshot folder; guard the assumption
         raise ModelError(f"cached Hub model '{where}' at {folder} lacks {', '.join(missing)}; delete it and retry")
     return folder
+
+
+def push_model(folder, repo_id: str, *, private: bool = False, message: str | None = None) -> str:
+    """Upload a model folder (MODEL_FILES and its card) to the Hub repo `org/name`, creating the repo if needed;
+    return the commit's URL. The token is huggingface_hub's (HF_TOKEN or `hf auth login`)."""
+    folder = _check_folder(Path(folder))
+    repo_id, revision = parse_repo_spec(repo_id)
+    if not constants.is_offline_mode() and not hub_reachable():
+        raise ModelError(f"the Hub ({constants.ENDPOINT}) cannot be reached; push again with a network")
+    try:
+        api = HfApi(endpoint=constants.ENDPOINT, library_name="teasr", library_version=__version__)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                             allow_patterns=[*MODEL_FILES, *OPTIONAL_FILES],
+                             commit_message=message or f"Upload {folder.name} with teasr {__version__}")
+    except (OSError, HfHubHTTPError, ValueError, _TransportError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        auth = "401" in first_line or "token" in first_line.lower()
+        hint = "; log in with `hf auth login` (a write token)" if auth else ""
+        raise ModelError(f"could not push {folder} to '{repo_id}': {first_line}{hint}") from err
+    return info.commit_url
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT) -> bool:

@@ -10,6 +10,9 @@ It serves the routes huggingface_hub 2.x calls:
   `hf_raise_for_status` turns into the matching exceptions.
 - GET `/api/{models,datasets}/{repo}/revision/{revision}` and `/api/.../tree/{revision}` for
   `snapshot_download`.
+- POST `/api/repos/create`, `/api/validate-yaml`, `/api/.../preupload/{revision}` and
+  `/api/.../commit/{revision}` for `create_repo` and `upload_folder` (every file "regular", sent inline
+  in the commit's NDJSON, so no LFS transfer is needed).
 
 Usage::
 
@@ -25,6 +28,7 @@ whose sha `hub.commit(repo, revision)` returns and which can be resolved by that
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -38,6 +42,7 @@ from urllib.parse import unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".zip", ".tar", ".gz", ".npz")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _API_RE = re.compile(r"^/api/(models|datasets)/(.+?)/(revision|tree)/([^/]+)(/.*)?$")
+_POST_RE = re.compile(r"^/api/(models|datasets)/(.+?)/(preupload|commit)/([^/]+)$")
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -104,6 +109,48 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._route(body=True)
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        self.hub.log("POST", path)
+        req = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "/api/repos/create":
+            info = json.loads(req)
+            repo = ("datasets/" if info.get("type") == "dataset" else "") + "/".join(
+                p for p in (info.get("organization"), info["name"]) if p)
+            if repo in self.hub.commits:
+                return self._json(409, {"error": "You already created this repo", "url": f"{self.hub.endpoint}/{repo}"})
+            self.hub.add(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            return self._json(200, {"url": f"{self.hub.endpoint}/{repo}", "name": repo})
+        if path == "/api/validate-yaml":
+            return self._json(200, {"errors": [], "warnings": []})
+        if not (m := _POST_RE.match(path)):
+            return self._error(404, None)
+        kind, repo, what, revision = m.groups()
+        repo, revision = ("datasets/" if kind == "datasets" else "") + unquote(repo), unquote(revision)
+        if not self._repo(repo):
+            return
+        if (found := self.hub.files(repo, revision)) is None:
+            return self._error(404, "RevisionNotFound")
+        if what == "preupload":
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                     for f in json.loads(req)["files"]]
+            return self._json(200, {"files": files})
+        files = dict(found[1])
+        for line in req.splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "deletedFile":
+                files.pop(item["value"]["path"], None)
+            elif item["key"] != "header":
+                return self._json(400, {"error": f"this test Hub takes inline files only, not {item['key']}"})
+        sha = self.hub.add(repo, revision, files)
+        self._json(200, {"commitUrl": f"{self.hub.endpoint}/{repo}/commit/{sha}", "commitOid": sha,
+                         "pullRequestUrl": None})
+
+    def _json(self, status: int, obj) -> None:
+        self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json"}, True)
 
     def _route(self, body: bool) -> None:
         path = urlsplit(self.path).path

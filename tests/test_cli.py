@@ -427,7 +427,7 @@ def test_ctrl_c_in_a_terminal_says_interrupted_exits_130_and_leaves_nothing(tmp_
     assert snapshot(tmp_path) == before                              # no output, no temp file
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real one-step training run (tiny model, three small real photos), to export, made with the README's
     multi-process form `accelerate launch -m teasr_cli train ...` (one process here, no accelerate config)."""
@@ -482,3 +482,29 @@ def test_model_card_names_the_hub_base_model_only_when_there_is_one():
                                                                      "base": "Qwen/Qwen-Image-2512@abc"})
     assert 'base_model: "org/prior"' in model_card("m", {"backbone": "native", "init": "org/prior@v1"})
     assert "base_model" not in model_card("m", {"backbone": "native", "init": None})
+
+
+def test_push_uploads_an_exported_folder_that_then_loads_from_the_hub(cli, run_dir, tmp_path, monkeypatch):
+    from hubserver import point_hub_at, serve_hub
+    from teasr_cli.hub import MODEL_FILES
+
+    dst = tmp_path / "model"
+    assert cli("export", run_dir, "-o", dst, "--half", model=False).exit_code == 0
+    (dst / "notes.txt").write_text("not part of a model")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with serve_hub({}) as (endpoint, hub):
+        point_hub_at(monkeypatch, endpoint, tmp_path / "hf-cache")
+        pushed = cli("push", dst, "org/new", model=False)
+        assert pushed.exit_code == 0 and f"{endpoint}/org/new/commit/" in pushed.output, pushed.output
+        sha = hub.commit("org/new")
+        assert set(hub.commits["org/new"][sha]) == {".gitattributes", *MODEL_FILES, "README.md"}   # no notes.txt
+        up = Upscaler.from_pretrained("org/new", device="cpu", progress=False)
+        assert up.folder.name == sha
+        for name in (*MODEL_FILES, "README.md"):
+            assert (up.folder / name).read_bytes() == (dst / name).read_bytes(), name
+        (dst / "README.md").write_text((dst / "README.md").read_text() + "\nMore words.\n")
+        assert cli("push", dst, "org/new", "-m", "card", model=False).exit_code == 0   # the repo exists: a commit
+        assert hub.commit("org/new") != sha and hub.commits["org/new"][hub.commit("org/new")]["README.md"].endswith(
+            b"More words.\n")
+        assert_one_line_error(cli("push", tmp_path, "org/new", model=False), "has no config.json")
+        assert_one_line_error(cli("push", dst, "not a repo", model=False), "malformed Hub repo id")
