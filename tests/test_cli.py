@@ -508,3 +508,21 @@ def test_push_uploads_an_exported_folder_that_then_loads_from_the_hub(cli, run_d
             b"More words.\n")
         assert_one_line_error(cli("push", tmp_path, "org/new", model=False), "has no config.json")
         assert_one_line_error(cli("push", dst, "not a repo", model=False), "malformed Hub repo id")
+
+
+def test_prepare_photos_takes_any_folder_of_photos(tmp_path):
+    """train/prepare_photos.py --from DIR: no apt; JPEGs halved (their artefacts are not HQ), every N-th held out."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    small_photo("astronaut", (1200, 1100)).save(src / "sub" / "big.JPG", quality=95)
+    small_photo("chelsea", (300, 200)).save(src / "cat.png")
+    small_photo("coffee", (600, 560)).save(src / "cup.png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, ROOT / "train" / "prepare_photos.py", "--from", src, "--out", tmp_path / "out",
+                        "--val-every", "3"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert files == ["train/cat.png", "train/cup.png", "val/sub_big.png", "val_hr/sub_big_0.png",
+                     "val_hr/sub_big_1.png"]
+    assert Image.open(tmp_path / "out" / "val" / "sub_big.png").size == (600, 550)
+    assert Image.open(tmp_path / "out" / "train" / "cup.png").size == (600, 560)

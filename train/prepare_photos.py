@@ -10,11 +10,16 @@ JPEG sources are downscaled by at least 2 (Lanczos) so their compression artefac
 A fixed list of photos is held out for validation and never trained on.
 
     python train/prepare_photos.py --out data/photos        # -> data/photos/{train,val}/*.png, val_hr/*.png
+    python train/prepare_photos.py --from ~/Pictures --out data/mine   # any folder of photos instead (no apt)
+
+The Debian packages need `apt-get download` (a Debian or Ubuntu machine with its package lists, no root);
+`--from DIR` takes every photo under DIR instead and holds out every `--val-every`-th one (sorted by path).
 """
 from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,7 +42,13 @@ MAX_SIDE = 1280
 def fetch_debs(work: Path) -> Path:
     root = work / "root"
     for name in DEBS:
-        subprocess.run(["apt-get", "download", name], cwd=work, check=True, capture_output=True)
+        try:
+            subprocess.run(["apt-get", "download", name], cwd=work, check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            err = getattr(e, "stderr", None)
+            why = err.decode(errors="replace").strip().splitlines()[-1:] if err else [str(e)]
+            sys.exit(f"error: `apt-get download {name}` failed ({' '.join(why)}); this needs a Debian/Ubuntu "
+                     "machine with its package lists, or use --from DIR with your own photos")
     for deb in work.glob("*.deb"):
         subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
     return root
@@ -61,6 +72,18 @@ def sources(root: Path):
         yield name, Image.fromarray(arr[0] if isinstance(arr, tuple) else arr), False   # stereo: left view
 
 
+def folder_sources(folder: Path, val_every: int):
+    """(name, image, is_jpeg, held out) for every photo under `folder`, EXIF orientation applied."""
+    from teasr_cli.imageio import find_images, read_image, to_pil
+
+    files = find_images(folder, "*", recursive=True)
+    if not files:
+        sys.exit(f"error: no photos (JPEG, PNG, WebP, TIFF, BMP) under {folder}")
+    for i, f in enumerate(files):
+        name = "_".join(f.relative_to(folder).with_suffix("").parts)
+        yield name, to_pil(read_image(f)), f.suffix.lower() in (".jpg", ".jpeg"), i % val_every == val_every - 1
+
+
 def prepare(img: Image.Image, jpeg: bool) -> Image.Image:
     img = img.convert("RGB")
     f = max(2 if jpeg else 1, max(img.size) / MAX_SIDE)
@@ -82,16 +105,21 @@ def center_crops(img: Image.Image, size: int = 512, n: int = 2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="data/photos")
+    ap.add_argument("--from", dest="src", type=Path, help="any folder of photos instead of the Debian packages")
+    ap.add_argument("--val-every", type=int, default=8, help="with --from: hold out every N-th photo")
     args = ap.parse_args()
     out = Path(args.out)
     for sub in ("train", "val", "val_hr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        root = fetch_debs(Path(work))
+        if args.src:
+            photos = folder_sources(args.src, args.val_every)
+        else:
+            photos = ((name, img, jpeg, name in VAL) for name, img, jpeg in sources(fetch_debs(Path(work))))
         n_train = n_val = 0
-        for name, img, jpeg in sources(root):
+        for name, img, jpeg, held_out in photos:
             img = prepare(img, jpeg)
-            if name in VAL:
+            if held_out:
                 img.save(out / "val" / f"{name}.png")
                 for i, c in enumerate(center_crops(img)):
                     c.save(out / "val_hr" / f"{name}_{i}.png")
