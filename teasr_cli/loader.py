@@ -5,7 +5,7 @@ whether it is made on the main process or by any number of workers; only the wal
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

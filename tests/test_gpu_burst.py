@@ -30,8 +30,8 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    r = subprocess.run(["bash", str(ROOT / "train/gpu_burst.sh"), "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    cmd = ["bash", str(ROOT / "train/gpu_burst.sh"), "--dry-run", "--within", "600", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return r, out
 
 
@@ -40,6 +40,7 @@ def test_dry_run_passes_and_the_payload_fits(dry_run):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     line = re.search(r"payload: ([\d.]+) MiB of 64.0 MiB -> fits", r.stdout)
     assert line and float(line.group(1)) <= 64
+    assert re.search(r"training bound: 0.1 min", r.stdout)   # --within: the smaller of the two bounds
 
 
 def test_dry_run_writes_every_artefact_within_the_device_limits(dry_run):
@@ -147,7 +148,8 @@ def test_burst_takes_the_objective_from_the_campaign(tmp_path):
     cfg = gpu_train.burst_config(gpu_train.RECIPE, init, campaign_cfg, "d", "o", 3.0)
     recipe = gpu_train.trainer.TrainConfig.load(str(gpu_train.RECIPE), data="d", init="m")
     assert (cfg.stage, cfg.ema, cfg.lora_rank, cfg.degradation, cfg.sad.lambda_rect) == ("prior", 0.999, 8, "mild", 0.0)
-    assert (cfg.batch_size, cfg.crop, cfg.lr, cfg.mixed_precision) == (recipe.batch_size, recipe.crop, recipe.lr, "bf16")
+    assert (cfg.batch_size, cfg.crop, cfg.lr) == (recipe.batch_size, recipe.crop, recipe.lr)
+    assert cfg.mixed_precision == "bf16"
     assert cfg.max_minutes == 3.0 and cfg.init == str(camp) and cfg.model == {}   # the architecture is --init's
 
 

@@ -1,8 +1,9 @@
 """The CUDA checks of a GPU burst, one PASS / FAIL / SKIP line each, details in a JSON file.
 
-  upscale-fp32, upscale-bf16  `teasr upscale` on CUDA equals the CPU result in the same dtype: PSNR between the two
-                              8-bit outputs >= 45 dB (fp32: TF32 convolutions and other kernels round differently)
-                              or >= 35 dB (bf16, whose 8 mantissa bits round differently on each device)
+  upscale-fp32, upscale-bf16  `teasr upscale` (shipped model, 1 step, 128x128 -> 512x512) on CUDA equals the CPU
+                              result in the same dtype: PSNR between the two 8-bit outputs >= 50 dB in fp32 (cuDNN's
+                              TF32 convolutions and other kernels round differently), >= 45 dB in bf16. The scale:
+                              on the CPU, bf16 against fp32 gives 53.7 dB (max 5 levels) on this input
   sad-bf16                    8 SAD steps in bf16 autocast on one fixed batch (the burst's model and objective):
                               the data term (the pixel anchor) goes down and no loss or weight is NaN/inf
   accelerate-launch           `accelerate launch --num_processes 1 -m teasr_cli train` runs 3 steps and exports
@@ -38,9 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "train"))
 import gpu_train  # noqa: E402
+
 from teasr_cli import trainer  # noqa: E402
 
-PSNR_MIN = {"fp32": 45.0, "bf16": 35.0}
+PSNR_MIN = {"fp32": 50.0, "bf16": 45.0}
 CUDA = torch.cuda.is_available()
 
 
@@ -125,30 +127,32 @@ def sad_check(steps: int = 8):
         opt.step()
         opt.zero_grad(set_to_none=True)
         hist.append({k: float(v) for k, v in out.items()})
-    finite = all(math.isfinite(v) for h in hist for v in h.values()) and all(bool(p.isfinite().all()) for p in trainable)
+    finite = (all(math.isfinite(v) for h in hist for v in h.values())
+              and all(bool(p.isfinite().all()) for p in trainable))
     key = "data" if "data" in hist[0] else "loss"   # the prior stage has no data term
     first, last = hist[0][key], hist[-1][key]
     detail = {"stage": cfg.stage, "crop": crop, "batch": batch, "term": key, "history": hist}
     if not CUDA:
         raise Skip(f"no CUDA (ran {len(hist)} fp32 steps on the CPU: {key} {first:.4f} -> {last:.4f})", detail)
-    return finite and last < first, f"{cfg.stage}: {key} {first:.4f} -> {last:.4f} in {len(hist)} steps, " \
-                                     f"{'all finite' if finite else 'NaN/inf'}", detail
+    text = f"{cfg.stage}: {key} {first:.4f} -> {last:.4f} in {len(hist)} steps, {'all' if finite else 'NOT all'} finite"
+    return finite and last < first, text, detail
 
 
 def accelerate_check():
-    """One process under `accelerate launch`, the documented multi-GPU entry point, with the burst's recipe."""
+    """One process under `accelerate launch`, the documented multi-GPU entry point: SAD from the burst's --init."""
     init, _ = gpu_train.start_point()
     data = str(gpu_train.PACK) if gpu_train.PACK.is_dir() else str(photo(256).parent)
     run = Path(tempfile.mkdtemp(prefix="teasr-accel-")) / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "bf16" if CUDA else "no", "--dynamo_backend", "no", *([] if CUDA else ["--cpu"]),
-           "-m", "teasr_cli", "train", "-c", str(gpu_train.RECIPE), "--data", data, "--out", str(run),
+           "-m", "teasr_cli", "train", "--stage", "sad", "--data", data, "--out", str(run),
            "--init", str(init), "--steps", "3", "--batch-size", "2", "--crop", "64",
            "--mixed-precision", "bf16" if CUDA else "no"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+    log = run / "metrics.jsonl"
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
     steps = max((x.get("step", 0) for x in recs if "loss" in x), default=0)
     ok = r.returncode == 0 and steps == 3 and (run / "model" / "model.safetensors").exists()
     tail = (r.stderr or r.stdout).strip().splitlines()[-1:] if not ok else []
@@ -240,7 +244,8 @@ def memory_check():
     cpu_saves = {p: res[f"{p} / sad-one-backward"]["cpu_tensor_peak_mib"] / res[f"{p} / sad"]["cpu_tensor_peak_mib"]
                  for p in saves}
     ok = bool(saves) and all(s > 1 for s in saves.values())
-    text = "; ".join(f"{p.split(':')[0]}: one-backward/sad {saves[p]:.2f} on GPU vs {cpu_saves[p]:.2f} on CPU" for p in saves)
+    text = "; ".join(f"{p.split(':')[0]}: one-backward/sad {saves[p]:.2f} on GPU vs {cpu_saves[p]:.2f} on CPU"
+                     for p in saves)
     return ok, text, {"cases": res, "one_backward_over_sad_gpu": saves, "one_backward_over_sad_cpu": cpu_saves}
 
 

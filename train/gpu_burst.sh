@@ -4,18 +4,21 @@
 #   burst.log  this script's whole output     checks.json  the checks' PASS/FAIL/SKIP lines and details
 #   burst.json throughput, memory, config     model/       config.json, metrics.jsonl, model.safetensors.NN parts
 #
-#   train/gpu_burst.sh --max-minutes 4.5          on the device ($OUT set by the tool)
-#   train/gpu_burst.sh --skip-checks --max-minutes 3   a rerun whose checks already came back
+#   train/gpu_burst.sh --within 380               on the device ($OUT set by the tool): all done in 380 s, the
+#                                                 training gets what the checks leave, less 60 s for set-up/export
+#   train/gpu_burst.sh --skip-checks --within 150 a rerun whose checks already came back
+#   train/gpu_burst.sh --max-minutes 2            or a fixed bound for the training loop alone
 #   train/gpu_burst.sh --dry-run [--out DIR]      on a CPU: the payload check, then the same steps for ~30 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-dry=0 checks=1 minutes="" out="${OUT:-}" data=packs/gpu
+dry=0 checks=1 minutes="" within="" out="${OUT:-}" data=packs/gpu
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry=1 ;;
         --skip-checks) checks=0 ;;
         --max-minutes) minutes="$2"; shift ;;
+        --within) within="$2"; shift ;;
         --out) out="$2"; shift ;;
         --data) data="$2"; shift ;;
         *) echo "gpu_burst: unknown argument $1 (see the head of $0)" >&2; exit 2 ;;
@@ -27,7 +30,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 
 if [ "$dry" = 1 ]; then
     # what the call would send: the tree plus the pack; the device refuses more than 64 MiB
-    "$py" train/payload.py --carry packs/gpu || { echo "gpu_burst: the payload is over the device's limit" >&2; exit 1; }
+    "$py" train/payload.py --carry packs/gpu \
+        || { echo "gpu_burst: the payload is over the device's limit" >&2; exit 1; }
     export OMP_NUM_THREADS=1              # 2 shared cores: one thread each keeps a dry run from thrashing
     out="${out:-$(mktemp -d)}"
     minutes="${minutes:-0.1}"
@@ -38,16 +42,18 @@ if [ "$dry" = 1 ]; then
     train_args=(--dry-run --loader-seconds 2)
 else
     [ -n "$out" ] || { echo "gpu_burst: \$OUT is not set (the device tool sets it; or pass --out DIR)" >&2; exit 2; }
-    minutes="${minutes:-4.5}"
+    [ -n "$minutes$within" ] || { echo "gpu_burst: give --within SECONDS or --max-minutes M" >&2; exit 2; }
     train_args=()
 fi
 mkdir -p "$out"
 exec > >(tee -a "$out/burst.log") 2>&1   # the log comes back even if the call is killed at its limit
 
-echo "== gpu_burst $(date -u +%FT%TZ) dry_run=$dry max_minutes=$minutes data=$data out=$out"
+echo "== gpu_burst $(date -u +%FT%TZ) dry_run=$dry within=${within:-none} max_minutes=${minutes:-auto}" \
+     "data=$data out=$out"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import sys, torch, accelerate, teasr_cli.trainer as t; print('import: python', sys.version.split()[0], \
-'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'accelerate', accelerate.__version__, 'teasr', t.__file__)" \
+'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'accelerate', accelerate.__version__, \
+'teasr', t.__file__)" \
     || { echo "FAIL import: the project does not import here"; exit 1; }
 [ -d "$data" ] || echo "FAIL data: no photo pack at $data (carry packs/gpu, made by train/make_pack.py)"
 
@@ -56,6 +62,13 @@ if [ "$checks" = 1 ]; then
     # bounded: a hung CUDA call must not eat the training's minutes
     timeout 240 "$py" train/cuda_checks.py --json "$out/checks.json"
     echo "checks: $((SECONDS - t0)) s"
+fi
+if [ -n "$within" ]; then   # what is left of the call, less set-up, the loader's timing, export and copying
+    left=$(( within - SECONDS - 60 ))
+    [ "$left" -ge 30 ] || { echo "FAIL time: only $left s left for training of --within $within"; exit 1; }
+    minutes=$("$py" -c "import sys; print(round(min(float(sys.argv[1] or 1e9), int(sys.argv[2]) / 60), 2))" \
+              "$minutes" "$left")
+    echo "training bound: $minutes min ($((SECONDS)) s used of $within)"
 fi
 rc=0
 if [ -d "$data" ]; then

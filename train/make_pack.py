@@ -83,7 +83,6 @@ def plan(photos: dict[str, Image.Image], budget: int, min_side: int = 256) -> tu
 
 def skimage_photos() -> dict[str, Image.Image]:
     import skimage.data
-
     from prepare_photos import SKIMAGE, VAL
     out = {}
     for name in SKIMAGE:
