@@ -190,7 +190,7 @@ def test_batch_recursive_keeps_tree_reports_corrupt_file_and_resumes(cli, album,
             assert img.size == size
     again = cli("batch", album, "-o", out, "-r")
     assert again.exit_code == 1 and "bad.png" in again.output
-    assert snapshot(out) == files                                        # finished outputs skipped: same bytes, same mtimes
+    assert snapshot(out) == files                     # finished outputs skipped: same bytes, same mtimes
     assert "skipped" in again.output
 
 
@@ -486,6 +486,7 @@ def test_model_card_names_the_hub_base_model_only_when_there_is_one():
 
 def test_push_uploads_an_exported_folder_that_then_loads_from_the_hub(cli, run_dir, tmp_path, monkeypatch):
     from hubserver import point_hub_at, serve_hub
+
     from teasr_cli.hub import MODEL_FILES
 
     dst = tmp_path / "model"
