@@ -82,33 +82,17 @@ def _root(version: bool = typer.Option(False, "--version", "-V", callback=_versi
 
 # ------------------------------------------------------------------ choices (listed in --help, checked by click)
 
-class ColorFix(str, Enum):
-    wavelet = "wavelet"
-    adain = "adain"
-    none = "none"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum, which Typer turns into a click.Choice that --help lists. The values copy the library's
+    constants (named beside each) rather than import them, which would load torch for every --help and TAB;
+    tests/test_cli.py checks that they agree."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class DType(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Offload(str, Enum):
-    none = "none"
-    model = "model"
-    sequential = "sequential"
-
-
-class ImageFormat(str, Enum):
-    png = "png"
-    jpg = "jpg"
-    jpeg = "jpeg"
-    webp = "webp"
-    tiff = "tiff"
-    tif = "tif"
-    bmp = "bmp"
+ColorFix = _choices("ColorFix", ("wavelet", "adain", "none"))            # pipeline.COLOR_FIXES
+DType = _choices("DType", ("auto", "fp32", "bf16", "fp16"))              # "auto" + pipeline.DTYPES
+Offload = _choices("Offload", ("none", "model", "sequential"))           # backbones.qwen_image.OFFLOAD_MODES
+ImageFormat = _choices("ImageFormat", ("png", "jpg", "jpeg", "webp", "tiff", "tif", "bmp"))   # imageio.SUFFIX_FORMATS
 
 
 # ------------------------------------------------------------------ shared options, declared once

@@ -527,3 +527,16 @@ def test_prepare_photos_takes_any_folder_of_photos(tmp_path):
                      "val_hr/sub_big_1.png"]
     assert Image.open(tmp_path / "out" / "val" / "sub_big.png").size == (600, 550)
     assert Image.open(tmp_path / "out" / "train" / "cup.png").size == (600, 560)
+
+
+def test_cli_choices_agree_with_the_library():
+    from teasr_cli import cli as c
+    from teasr_cli.backbones.qwen_image import OFFLOAD_MODES
+    from teasr_cli.imageio import SUFFIX_FORMATS
+    from teasr_cli.pipeline import COLOR_FIXES, DTYPES
+
+    values = {name: [m.value for m in enum] for name, enum in
+              (("color", c.ColorFix), ("dtype", c.DType), ("offload", c.Offload), ("format", c.ImageFormat))}
+    assert values["color"] == list(COLOR_FIXES) and values["dtype"] == ["auto", *DTYPES]
+    assert values["offload"] == list(OFFLOAD_MODES)
+    assert sorted("." + f for f in values["format"]) == sorted(SUFFIX_FORMATS)
