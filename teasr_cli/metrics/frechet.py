@@ -210,8 +210,11 @@ def _sha256(path: Path) -> str:
 def _download(spec: HubFile) -> Path:
     from huggingface_hub import hf_hub_download
 
-    try:
-        path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision))
+    from ..hub import hub_reachable
+
+    try:   # one bounded probe: offline, the cache alone answers at once instead of after ~20 s of retries
+        path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision,
+                                    local_files_only=not hub_reachable()))
     except Exception as e:  # offline, hub down, repo gone: all mean the same to the user
         raise FIDUnavailableError(
             f"FID unavailable: cannot download {spec.repo_id}/{spec.filename} from the Hugging Face Hub "
