@@ -312,6 +312,8 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0,
                                               last_epoch=step - 1 if step else -1)
     dmodel, opt = acc.prepare(model, opt)
+    if ema is not None:   # beside the weights, which prepare() moved to the GPU: one update kernel per tensor
+        ema = {n: v.to(acc.device) for n, v in ema.items()}
     if acc.is_main_process:
         (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         if step:
