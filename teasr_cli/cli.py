@@ -188,7 +188,8 @@ class Sampling:
         """The Upscaler, after refusing or warning about a dtype this device runs badly."""
         from huggingface_hub.utils import logging as hf_logging
 
-        from teasr_cli.pipeline import Upscaler, cpu_multiplies_bf16, pick_device
+        from teasr_cli.pipeline import Upscaler
+        from teasr_cli.runtime import cpu_multiplies_bf16, pick_device
 
         if self.dtype in ("bf16", "fp16") and pick_device(self.device).type == "cpu":
             if self.dtype == "fp16":

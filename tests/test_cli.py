@@ -349,9 +349,9 @@ def test_out_png_with_format_jpg_is_refused_before_any_work(cli, cat):
 def test_fp16_on_a_cpu_is_refused_and_bf16_without_amx_warns(cli, cat, monkeypatch):
     assert_one_line_error(cli("upscale", cat / "cat.png", "--dtype", "fp16"), "fp16 is for GPUs")
     assert not (cat / "cat_x4.png").exists()
-    import teasr_cli.pipeline
+    import teasr_cli.runtime
 
-    monkeypatch.setattr(teasr_cli.pipeline, "cpu_multiplies_bf16", lambda: False)
+    monkeypatch.setattr(teasr_cli.runtime, "cpu_multiplies_bf16", lambda: False)
     result = cli("upscale", cat / "cat.png", "--dtype", "bf16")
     assert result.exit_code == 0 and "warning:" in result.output and "no AMX" in result.output, result.output
 
