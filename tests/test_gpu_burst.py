@@ -153,6 +153,14 @@ def test_burst_takes_the_objective_from_the_campaign(tmp_path):
     assert cfg.max_minutes == 3.0 and cfg.init == str(camp) and cfg.model == {}   # the architecture is --init's
 
 
+def test_loader_workers_fit_in_shared_memory():
+    assert gpu_train.shm_workers(64, 256, 64 * 2**20) == 0          # a container's default /dev/shm: no workers
+    assert gpu_train.shm_workers(64, 256, 64 * 2**30) >= 14         # the H200 machine's RAM: the recipe's 14
+    # workers x prefetch x batch bytes stays within half of what is free
+    n = gpu_train.shm_workers(8, 128, 2**30)
+    assert n * 4 * 8 * 3 * 128**2 * 4 * 1.25 <= 2**29 < (n + 1) * 4 * 8 * 3 * 128**2 * 4 * 1.25
+
+
 def _scores(lpips, vgg, dists, psnr, bic=27.0):
     return {k: {"lpips": lpips, "lpips-vgg": vgg, "dists": dists, "psnr": psnr, "bicubic_psnr": bic}
             for k in fold_burst.KINDS}

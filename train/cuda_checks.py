@@ -194,60 +194,76 @@ def qwen_check():
     return ok, text + ", input grads finite" if ok else text, res
 
 
-def memory_check():
-    """The CPU benchmark's configurations and cases, their peak allocated CUDA memory beside the CPU's tensor peak."""
-    if not CUDA:
+def memory_check(dev: str = "cuda", runs: dict | None = None):
+    """The CPU benchmark's configurations and cases, their peak allocated CUDA memory beside the CPU's tensor peak.
+    PASS: every case measured, and one backward per graph (the trainer's SAD) needs less than one backward of the
+    summed loss in config C, where the CPU saw its largest saving (2.9x); the rest is recorded, not judged."""
+    if dev == "cuda" and not CUDA:
         raise Skip("no CUDA", {})
     from teasr_cli.sad import SADConfig, sad_losses
 
     spec = importlib.util.spec_from_file_location("train_memory", ROOT / "benchmarks" / "train_memory.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench   # its dataclass looks its module up while the module runs
     spec.loader.exec_module(bench)
-    cpu = json.loads((ROOT / "benchmarks" / "train_memory.json").read_text())["runs"]
+    runs = runs or json.loads((ROOT / "benchmarks" / "train_memory.json").read_text())["runs"]
+    cuda = dev == "cuda"
     res = {}
-    for name, run in cpu.items():
+    for name, run in runs.items():
         if "malloc" in name:   # the same tensors as run A, another allocator: nothing new on a GPU
             continue
         bc = bench.BenchConfig(**run["config"])
         for case in run["cases"]:
             if case["case"] not in ("lora-flow", "sad", "sad-one-backward"):
                 continue
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             prior, codec, x0, z0, z_lq = bench._setup(bc)
-            model = bench._student(prior, bc).cuda()
-            x0, z0, z_lq = x0.cuda(), z0.cuda(), z_lq.cuda()
+            model = bench._student(prior, bc).to(dev)
+            x0, z0, z_lq = x0.to(dev), z0.to(dev), z_lq.to(dev)
             flow_only, one = case["case"] == "lora-flow", case["case"] == "sad-one-backward"
-            sad_cfg = SADConfig(**(dict(lambda_cons=0.0, lambda_data=0.0, lambda_adv=0.0, lambda_rect=0.0)
+            sad_cfg = SADConfig(**({"lambda_cons": 0.0, "lambda_data": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0}
                                    if flow_only else {}))
             lpips = None if flow_only else bench._lpips(bc)
-            lpips = lpips.cuda() if lpips is not None else None
+            lpips = lpips.to(dev) if lpips is not None else None
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trainable, lr=5e-5, betas=(0.9, 0.99))
             for i in range(2):   # as the CPU benchmark: the first step allocates AdamW's state
-                draws = {k: v.cuda() for k, v in bench._draws(z0.shape[1:], sad_cfg, bc.batch, i).items()}
+                draws = {k: v.to(dev) for k, v in bench._draws(z0.shape[1:], sad_cfg, bc.batch, i).items()}
                 out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
                                  backward=None if one else torch.Tensor.backward)
                 if one:
                     out["loss"].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            res[f"{name} / {case['case']}"] = {"gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20,
-                                               "cpu_tensor_peak_mib": case["tensor_peak_mib"]}
-            del model, opt, prior, lpips
-    for v in res.values():
-        v["gpu_over_cpu"] = v["gpu_peak_mib"] / v["cpu_tensor_peak_mib"]
-    pairs = [(k.rsplit(" / ", 1)[0]) for k in res if k.endswith(" / sad")]
-    saves = {p: res[f"{p} / sad-one-backward"]["gpu_peak_mib"] / res[f"{p} / sad"]["gpu_peak_mib"]
-             for p in pairs if f"{p} / sad-one-backward" in res}
-    cpu_saves = {p: res[f"{p} / sad-one-backward"]["cpu_tensor_peak_mib"] / res[f"{p} / sad"]["cpu_tensor_peak_mib"]
-                 for p in saves}
-    ok = bool(saves) and all(s > 1 for s in saves.values())
-    text = "; ".join(f"{p.split(':')[0]}: one-backward/sad {saves[p]:.2f} on GPU vs {cpu_saves[p]:.2f} on CPU"
-                     for p in saves)
-    return ok, text, {"cases": res, "one_backward_over_sad_gpu": saves, "one_backward_over_sad_cpu": cpu_saves}
+            if cuda:
+                torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+            res[f"{name} / {case['case']}"] = {"gpu_peak_mib": peak, "cpu_tensor_peak_mib": case["tensor_peak_mib"],
+                                               "gpu_over_cpu": peak / case["tensor_peak_mib"] if cuda else None,
+                                               "loss": float(out["loss"].detach())}
+            del model, opt, prior, lpips, out
+    configs = [k.rsplit(" / ", 1)[0] for k in res if k.endswith(" / sad")]
+    ratio = {c: {w: (res[f"{c} / sad-one-backward"][w] / res[f"{c} / sad"][w]) if res[f"{c} / sad"][w] else None
+                 for w in ("gpu_peak_mib", "cpu_tensor_peak_mib")}
+             for c in configs if f"{c} / sad-one-backward" in res}
+    detail = {"cases": res, "one_backward_over_sad": ratio}
+    if not cuda:
+        raise Skip(f"not on CUDA (ran {len(res)} cases on the {dev})", detail)
+    text = "; ".join(f"{c.split(':')[0]}: one-backward/sad {r['gpu_peak_mib']:.2f} on GPU vs "
+                     f"{r['cpu_tensor_peak_mib']:.2f} on CPU" for c, r in ratio.items())
+    c_run = next((c for c in ratio if c.startswith("C")), None)
+    ok = len(res) > 0 and all(math.isfinite(v["loss"]) for v in res.values()) and (
+        c_run is None or ratio[c_run]["gpu_peak_mib"] > 1)
+    return ok, text, detail
 
+
+# without CUDA: run C's cases at a size a CPU does in seconds, so the check's code is tried before a GPU is spent
+TINY_MEMORY_RUN = {name + " (tiny)": {**run, "config": {**run["config"], "hidden_size": 64, "depth": 2, "num_heads": 2,
+                                                         "crop": 64, "batch": 1, "lora_rank": 4, "threads": 1}}
+                   for name, run in json.loads((ROOT / "benchmarks/train_memory.json").read_text())["runs"].items()
+                   if name.startswith("C")}
 
 CHECKS = {
     "upscale-fp32": lambda: upscale_check("fp32", 128 if CUDA else 48),
@@ -255,7 +271,7 @@ CHECKS = {
     "sad-bf16": sad_check,
     "accelerate-launch": accelerate_check,
     "qwen-offload": qwen_check,
-    "sad-memory": memory_check,
+    "sad-memory": lambda: memory_check() if CUDA else memory_check("cpu", TINY_MEMORY_RUN),
 }
 
 

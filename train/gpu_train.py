@@ -71,6 +71,23 @@ def burst_config(recipe: Path, init: Path, campaign_cfg: dict, data: str, out: s
     return cfg
 
 
+def shm_workers(batch_size: int, crop: int, free: int, prefetch: int = 4) -> int:
+    """Workers hand batches over in shared memory; a container's /dev/shm can be as small as 64 MiB, and a worker
+    that cannot write its batch kills the run. The most workers whose batches in flight (x prefetch) fill at most
+    half of `free` bytes."""
+    batch = batch_size * 3 * crop**2 * 4 * 1.25   # HQ + LQ (1/16) + the draws, float32
+    return int(free * 0.5 // (batch * prefetch))
+
+
+def fit_workers(cfg: trainer.TrainConfig, shm: str = "/dev/shm") -> dict:
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:   # no /dev/shm: the platform shares memory some other way
+        return {"shm_free_gib": None, "workers": cfg.workers}
+    cfg.workers = min(cfg.workers, shm_workers(cfg.batch_size, cfg.crop, free))
+    return {"shm_free_gib": round(free / 2**30, 2), "workers": cfg.workers}
+
+
 def loader_rate(cfg: trainer.TrainConfig, seconds: float, latent_shape) -> float:
     """Samples/s of the data loading alone (the same workers and prefetch): the ceiling the GPU can be fed at."""
     images = HQImages(list_images(cfg.data), cfg.crop, cfg.small_images)
@@ -120,6 +137,7 @@ def main(argv=None) -> int:
         cfg = burst_config(Path(args.recipe), init, campaign_cfg, args.data, str(run), args.max_minutes, args.dry_run)
     except TeasrError as e:
         raise SystemExit(f"gpu_train: {e}") from None
+    shm = fit_workers(cfg)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True   # the fp32 parts outside autocast (EMA, optimizer)
@@ -129,7 +147,7 @@ def main(argv=None) -> int:
     print(f"burst: init {init.relative_to(ROOT) if init.is_relative_to(ROOT) else init} "
           f"({'campaign' if campaign_cfg else 'no campaign config: the recipe stage'} {cfg.stage}), "
           f"batch {cfg.batch_size}, crop {cfg.crop}, {cfg.mixed_precision}, {cfg.workers} workers, "
-          f"{cfg.max_minutes} min", flush=True)
+          f"{cfg.max_minutes} min; /dev/shm {shm['shm_free_gib']} GiB free", flush=True)
     codec = build_codec(json.loads((init / "config.json").read_text())["codec"])
     latent = (codec.latent_channels, cfg.crop // codec.downsample, cfg.crop // codec.downsample)
     feed = loader_rate(cfg, args.loader_seconds, latent)
@@ -158,7 +176,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "init": str(init.relative_to(ROOT) if init.is_relative_to(ROOT) else init),
         "stage": cfg.stage, "batch_size": cfg.batch_size, "crop": cfg.crop, "mixed_precision": cfg.mixed_precision,
-        "workers": cfg.workers, "max_minutes": cfg.max_minutes, "steps": steps[-1]["step"],
+        "workers": cfg.workers, "shm_free_gib": shm["shm_free_gib"], "max_minutes": cfg.max_minutes, "steps": steps[-1]["step"],
         "samples": steps[-1]["step"] * cfg.batch_size * cfg.grad_accum,
         "samples_s_median": rates[len(rates) // 2], "loader_samples_s": feed,
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
