@@ -64,6 +64,7 @@ def test_checks_report_every_check_and_none_fails_on_the_cpu(dry_run):
     assert status["accelerate-launch"] == "PASS"   # runs for real on the CPU too
     assert all(s == "SKIP" for k, s in status.items() if k != "accelerate-launch"), status
     log = (out / "burst.log").read_text()
+    assert "== gpu_burst done" in log.splitlines()[-1]   # the whole log, to its last line
     assert all(f"SKIP {k}:" in log for k, s in status.items() if s == "SKIP")
 
 

@@ -47,6 +47,7 @@ else
 fi
 mkdir -p "$out"
 exec > >(tee -a "$out/burst.log") 2>&1   # the log comes back even if the call is killed at its limit
+tee_pid=$!
 
 echo "== gpu_burst $(date -u +%FT%TZ) dry_run=$dry within=${within:-none} max_minutes=${minutes:-auto}" \
      "data=$data out=$out"
@@ -86,4 +87,6 @@ big=$(find "$out" -type f -size +16M | wc -l)
 echo "out: $n files, $big over 16 MiB$([ "$n" -gt 8 ] || [ "$big" -gt 0 ] && echo ' -- OVER the device limits')"
 [ "$n" -le 8 ] && [ "$big" = 0 ] || rc=1
 echo "== gpu_burst done in $SECONDS s, rc $rc"
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null   # the last lines reach the log and the call's output before the tool ends us
 exit $rc
