@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-dry=0 checks=1 minutes="" within="" out="${OUT:-}" data=packs/gpu
+dry=0 checks=1 minutes="" within="" out="${OUT:-}" data=packs/gpu scratch=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) dry=1 ;;
@@ -36,7 +36,8 @@ if [ "$dry" = 1 ]; then
     out="${out:-$(mktemp -d)}"
     minutes="${minutes:-0.1}"
     if [ ! -d "$data" ]; then             # a clean clone has no pack: rehearse on scikit-image's photos
-        data="$(mktemp -d)/pack"
+        scratch="$(mktemp -d)"
+        data="$scratch/pack"
         "$py" train/make_pack.py --src skimage --out "$data" --budget 3000000 || exit 1
     fi
     train_args=(--dry-run --loader-seconds 2)
@@ -86,6 +87,7 @@ n=$(find "$out" -type f | wc -l)
 big=$(find "$out" -type f -size +16M | wc -l)
 echo "out: $n files, $big over 16 MiB$([ "$n" -gt 8 ] || [ "$big" -gt 0 ] && echo ' -- OVER the device limits')"
 [ "$n" -le 8 ] && [ "$big" = 0 ] || rc=1
+[ -z "$scratch" ] || rm -rf "$scratch"
 echo "== gpu_burst done in $SECONDS s, rc $rc"
 exec >&- 2>&-
 wait "$tee_pid" 2>/dev/null   # the last lines reach the log and the call's output before the tool ends us
