@@ -30,8 +30,8 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    cmd = ["bash", str(ROOT / "train/gpu_burst.sh"), "--dry-run", "--within", "600", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cmd = ["bash", str(ROOT / "train/gpu_burst.sh"), "--dry-run", "--within", "3600", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     return r, out
 
 
