@@ -58,14 +58,8 @@ def burst_config(recipe: Path, init: Path, campaign_cfg: dict, data: str, out: s
                  dry_run: bool = False) -> trainer.TrainConfig:
     cfg = trainer.TrainConfig.load(str(recipe), data=data, out=out, init=str(init), max_minutes=max_minutes)
     chosen = {k: campaign_cfg[k] for k in CAMPAIGN_KEYS if k in campaign_cfg}
-    if chosen.get("stage") == "regress":
-        raise SystemExit("gpu_train: the campaign is a regress (baseline) run; a burst continues prior or sad")
-    if chosen:   # through load() again: the same validation as any recipe
-        merged = {**cfg.to_dict(), **chosen, **(DRY if dry_run else {})}
-        merged.pop("stages", None)
-        cfg = trainer.TrainConfig.load(None, **merged)
-    elif dry_run:
-        cfg = trainer.TrainConfig.load(None, **{**cfg.to_dict(), **DRY})
+    # through load() again: the campaign's choices get the same validation as any recipe
+    cfg = trainer.TrainConfig.load(None, **{**cfg.to_dict(), **chosen, **(DRY if dry_run else {})})
     if not dry_run:   # leave the main process and the GPU's feeder thread a core each
         cfg.workers = max(0, min(cfg.workers, (os.cpu_count() or 1) - 2))
     return cfg
