@@ -204,7 +204,8 @@ class Upscaler:
 
         def velocity(steps):
             return TiledVelocity(partial(counted, steps=steps if s.grid_shift else 1), tile,
-                                 min(overlap, tile - 1), s.tile_batch or (4 if self.device.type == "cpu" else 1))
+                                 min(overlap, tile - 1), s.tile_batch or (4 if self.device.type == "cpu" else 1),
+                                 align=self.patch)
         # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
         noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         anchor = s.anchored
@@ -246,7 +247,8 @@ class Upscaler:
         tile_callback counts up to, known before any work so a progress bar can show it (and an ETA) at once."""
         s = settings or UpscaleSettings()
         Hl, Wl, tile, overlap = self.layout(h, w, s)
-        per_pass = len(tile_starts(Hl, min(tile, Hl), overlap)) * len(tile_starts(Wl, min(tile, Wl), overlap))
+        per_pass = len(tile_starts(Hl, min(tile, Hl), overlap, self.patch)) * len(
+            tile_starts(Wl, min(tile, Wl), overlap, self.patch))
         return per_pass * (s.steps + s.anchored)
 
     def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None, tile_callback=None):

@@ -24,7 +24,7 @@ def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]
     starts = [i * (size - tile) / (n - 1) for i in range(n)]
     if align == 1:
         return [round(x) for x in starts]
-    return [align * int(x // align) for x in starts]
+    return sorted({align * int(x // align) for x in starts})   # a stride below `align` would repeat a start
 
 
 def ramp(length: int, tile: int, at_start: bool, at_end: bool, overlap: int) -> torch.Tensor:
