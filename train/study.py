@@ -37,12 +37,13 @@ def train(forms, data: str, runs: Path) -> None:
             shutil.copytree(run / "model", run / f"model-{minutes}")
 
 
-def evaluate(forms, runs: Path, hq: str) -> None:
-    """1-step scores of every segment's model on each kind of LR, bicubic and Real-ESRGAN beside the first
-    (resumable: a finished eval is not run again)."""
+def evaluate(forms, runs: Path, hq: str, kinds=LR_KINDS) -> None:
+    """1-step scores on each kind of LR, bicubic and Real-ESRGAN beside the first (resumable: a finished eval is
+    not run again). The first form must have finished its budget."""
     out = runs / "study-eval"
-    for kind in LR_KINDS:
-        for i, (form, minutes) in enumerate((f, m) for f in forms for m in reversed(SEGMENTS)):
+    for kind in kinds:   # the learning curve on realesrgan LR; the other kinds at the end of the budget
+        segments = SEGMENTS if kind == "realesrgan" else SEGMENTS[-1:]
+        for i, (form, minutes) in enumerate((f, m) for f in forms for m in reversed(segments)):
             model, dest = runs / f"study-{form}" / f"model-{minutes}", out / f"{form}-{minutes}-{kind}"
             if model.exists() and not (dest / "results.json").exists():
                 teasr("eval", "--hq", hq, "--degrade", kind, "--metrics", METRICS, "--model", str(model),
@@ -90,7 +91,7 @@ def report(forms, runs: Path, out: Path) -> dict:
             for name, style in (("bicubic", ":"), ("realesrgan", "--")):
                 if name in table[kind]["baselines"]:
                     ax.axhline(table[kind]["baselines"][name][k], ls=style, c="gray", label=name)
-            ax.set_title(f"{k} ({kind} LR, 1 step)")
+            ax.set_title(f"{k} ({kind} LR, 1 step)", fontsize=9)
             ax.set_xlabel("CPU minutes")
     axes[0][0].legend()
     fig.savefig(out / "study.png", dpi=70)
@@ -104,13 +105,14 @@ def main():
     ap.add_argument("--data", default="data/photos/train")
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--hq", default="data/photos/val_hr")
+    ap.add_argument("--kinds", default=",".join(LR_KINDS), help="with eval: which kinds of LR (to run them in parallel)")
     ap.add_argument("--out", type=Path, default=HERE / "logs" / "study")
     args = ap.parse_args()
     forms = args.forms or ["tiny", "hybrid-s", "hybrid-m", "conv"]
     if args.what == "train":
         train(forms, args.data, args.runs)
     elif args.what == "eval":
-        evaluate(forms, args.runs, args.hq)
+        evaluate(forms, args.runs, args.hq, args.kinds.split(","))
     else:
         summary = report(forms, args.runs, args.out)
         print(json.dumps({k: summary[k] for k in ("rank_sum", "psnr_gate_failed", "order")}))
