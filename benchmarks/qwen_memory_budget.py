@@ -22,6 +22,7 @@ Assumptions (all printed rows follow from these):
   and 3 copies of the backbone weights; two LoRA sets train;
 - LPIPS's network (AlexNet, tens of MB at 512^2) and the CUDA context / allocator slack are left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # transformer/config.json of Qwen/Qwen-Image (Qwen-Image-2512 keeps the architecture), as published on the Hub
-QWEN_IMAGE_20B = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                      num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56),
-                      guidance_embeds=False)
+QWEN_IMAGE_20B = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    axes_dims_rope=(16, 56, 56),
+    guidance_embeds=False,
+)
 # vae/config.json: diffusers' AutoencoderKLQwenImage defaults are that config (base_dim 96, z_dim 16, ...)
 QWEN_IMAGE_VAE: dict = {}
-EMPTY_PROMPT_TOKENS = 5   # the empty prompt after the pipeline drops its 34 template tokens (negligible either way)
-GIB = 2 ** 30
+EMPTY_PROMPT_TOKENS = 5  # the empty prompt after the pipeline drops its 34 template tokens (negligible either way)
+GIB = 2**30
 
 
 def saved_bytes(fn, params) -> int:
@@ -68,7 +77,7 @@ class _FlashLikeSDPA(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):   # never run: the graphs here are only measured
+    def backward(ctx, grad):  # never run: the graphs here are only measured
         raise NotImplementedError
 
 
@@ -83,13 +92,14 @@ def build_meta(rank: int):
     from teasr_cli.backbones.qwen_image import QwenImageTeasr, add_lora
 
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()   # its "cast with from_pretrained" advice is moot for meta tensors
+    logging.set_verbosity_error()  # its "cast with from_pretrained" advice is moot for meta tensors
     try:
         with torch.device("meta"):
             tr = QwenImageTransformer2DModel(**QWEN_IMAGE_20B)
             base_params = sum(p.numel() for p in tr.parameters())
-            model = QwenImageTeasr(tr.to(torch.bfloat16), None,
-                                   torch.zeros(1, EMPTY_PROMPT_TOKENS, QWEN_IMAGE_20B["joint_attention_dim"]))
+            model = QwenImageTeasr(
+                tr.to(torch.bfloat16), None, torch.zeros(1, EMPTY_PROMPT_TOKENS, QWEN_IMAGE_20B["joint_attention_dim"])
+            )
             add_lora(model, rank, rank)
             vae = AutoencoderKLQwenImage(**QWEN_IMAGE_VAE).to(torch.bfloat16)
     finally:
@@ -99,7 +109,7 @@ def build_meta(rank: int):
 
 def measure(model, vae, crop: int) -> dict:
     """Activation bytes at a crop x crop training image (all on meta)."""
-    f = 2 ** len(vae.temperal_downsample)                 # 8: image pixels per latent pixel
+    f = 2 ** len(vae.temperal_downsample)  # 8: image pixels per latent pixel
     C, s = model.config.latent_channels, crop // f
     z = torch.zeros(1, C, s, s, device="meta", requires_grad=True)
     params = list(model.parameters())
@@ -125,13 +135,19 @@ def measure(model, vae, crop: int) -> dict:
 
 
 # (name, backbone copies, transformer graphs alive at backward, LoRA sets trained, pixel loss through the VAE)
-SETUPS = [("LoRA flow matching", 1, 1, 1, False),
-          ("TEASR SAD", 1, 4, 1, True),
-          ("3-model distill.", 3, 2, 2, True)]
+SETUPS = [("LoRA flow matching", 1, 1, 1, False), ("TEASR SAD", 1, 4, 1, True), ("3-model distill.", 3, 2, 2, True)]
 
 
-def budget(base_params: int, vae_params: int, trainable: int, act: dict, copies: int, graphs: int,
-           lora_sets: int, pixel_loss: bool) -> list[tuple[str, int]]:
+def budget(
+    base_params: int,
+    vae_params: int,
+    trainable: int,
+    act: dict,
+    copies: int,
+    graphs: int,
+    lora_sets: int,
+    pixel_loss: bool,
+) -> list[tuple[str, int]]:
     rows = [
         ("backbone weights, bf16", copies * base_params * 2),
         ("VAE weights, bf16", vae_params * 2),
@@ -147,7 +163,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--crop", type=int, default=512, help="training crop (HR pixels)")
     ap.add_argument("--rank", type=int, default=128, help="LoRA rank (= alpha)")
-    ap.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GB (10^9 bytes), e.g. 80 for an H100/A100")
+    ap.add_argument(
+        "--gpu-gb", type=float, default=80.0, help="GPU memory in GB (10^9 bytes), e.g. 80 for an H100/A100"
+    )
     args = ap.parse_args(argv)
 
     model, vae, base_params = build_meta(args.rank)
@@ -158,29 +176,46 @@ def main(argv=None) -> dict:
     tables = {name: budget(base_params, vae_params, trainable, act, *rest) for name, *rest in SETUPS}
     gpu = args.gpu_gb * 1e9 / GIB
 
-    print(f"Qwen-Image transformer {base_params:,} params; condition-branch LoRA rank {args.rank}: {lora:,} "
-          f"(+ t2_embedder {trainable - lora:,}); VAE {vae_params:,}")
-    print(f"training crop {args.crop}x{args.crop}: {act['tokens']} tokens per transformer forward "
-          f"(noise + condition + empty prompt)")
-    print(f"one transformer graph: {act['graph'] / GIB:.1f} GiB without gradient checkpointing, "
-          f"{act['boundary'] / GIB:.2f} GiB with it\n")
+    print(
+        f"Qwen-Image transformer {base_params:,} params; condition-branch LoRA rank {args.rank}: {lora:,} "
+        f"(+ t2_embedder {trainable - lora:,}); VAE {vae_params:,}"
+    )
+    print(
+        f"training crop {args.crop}x{args.crop}: {act['tokens']} tokens per transformer forward "
+        f"(noise + condition + empty prompt)"
+    )
+    print(
+        f"one transformer graph: {act['graph'] / GIB:.1f} GiB without gradient checkpointing, "
+        f"{act['boundary'] / GIB:.2f} GiB with it\n"
+    )
     w = 62
     print(f"{'GiB':<{w}}" + "".join(f"{name:>20}" for name, *_ in SETUPS))
-    print(f"{'(backbone copies / graphs alive / LoRA sets)':<{w}}"
-          + "".join(f"{f'{c} / {g} / {l}':>20}" for _, c, g, l, _ in SETUPS))
+    print(
+        f"{'(backbone copies / graphs alive / LoRA sets)':<{w}}"
+        + "".join(f"{f'{c} / {g} / {n}':>20}" for _, c, g, n, _ in SETUPS)
+    )
     for i, (label, _) in enumerate(tables[SETUPS[0][0]]):
         print(f"{label:<{w}}" + "".join(f"{tables[name][i][1] / GIB:>20.1f}" for name, *_ in SETUPS))
     verdict = ["fits" if tables[name][-1][1] <= gpu * GIB else "does NOT fit" for name, *_ in SETUPS]
     print(f"{f'one {args.gpu_gb:g} GB GPU = {gpu:.1f} GiB':<{w}}" + "".join(f"{v:>20}" for v in verdict))
     sad = dict(tables["TEASR SAD"])
-    print(f"\nwithout gradient checkpointing SAD would keep {4 * act['graph'] / GIB:.0f} GiB of activations "
-          f"(total {(sad['total'] - sad[tables['TEASR SAD'][3][0]] + 4 * act['graph']) / GIB:.0f} GiB)")
+    print(
+        f"\nwithout gradient checkpointing SAD would keep {4 * act['graph'] / GIB:.0f} GiB of activations "
+        f"(total {(sad['total'] - sad[tables['TEASR SAD'][3][0]] + 4 * act['graph']) / GIB:.0f} GiB)"
+    )
     three = dict(tables["3-model distill."])
     shared = three["total"] - 2 * base_params * 2
-    print(f"a 3-model variant sharing one frozen base between its three networks through peft adapters: "
-          f"{shared / GIB:.0f} GiB, with 3 adapters' forwards per step")
+    print(
+        f"a 3-model variant sharing one frozen base between its three networks through peft adapters: "
+        f"{shared / GIB:.0f} GiB, with 3 adapters' forwards per step"
+    )
     return {name: dict(rows) for name, rows in tables.items()} | {
-        "activations": act, "base_params": base_params, "lora_params": lora, "trainable": trainable, "gpu_gib": gpu}
+        "activations": act,
+        "base_params": base_params,
+        "lora_params": lora,
+        "trainable": trainable,
+        "gpu_gib": gpu,
+    }
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ an idle process with the same imports, with glibc's mmap threshold fixed (see FI
 allocator-independent figure, "tensor peak", adds the resident weights to the peak bytes of tensors alive during
 the steps (LiveTensors). Two optimizer steps run (the first allocates AdamW's state); the time is the second's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,15 @@ class BenchConfig:
     num_heads: int = 8
     patch_size: int = 2
     batch: int = 2
-    crop: int = 256              # HQ crop; pixel-unshuffle f=4 latent: crop/4 per side
+    crop: int = 256  # HQ crop; pixel-unshuffle f=4 latent: crop/4 per side
     lora_rank: int = 32
-    lpips: str = "alex"          # "" = MSE-only data terms
+    lpips: str = "alex"  # "" = MSE-only data terms
     gradient_checkpointing: bool = False
     threads: int = 2
 
 
 # ----------------------------------------------------------------------------- one case, in this process
+
 
 def _setup(cfg: BenchConfig):
     import numpy as np
@@ -63,14 +65,15 @@ def _setup(cfg: BenchConfig):
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    prior = TeasrDiT(DiTConfig(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads,
-                               patch_size=cfg.patch_size))
-    with torch.no_grad():   # off the adaLN-Zero start, so every loss term is non-zero as with a trained prior
+    prior = TeasrDiT(
+        DiTConfig(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, patch_size=cfg.patch_size)
+    )
+    with torch.no_grad():  # off the adaLN-Zero start, so every loss term is non-zero as with a trained prior
         for p in prior.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     # real photo crops as HQ, their bicubic x1/4 as LQ (what a training step sees)
     img = torch.from_numpy(np.asarray(skdata.astronaut()).copy()).permute(2, 0, 1).float() / 255
-    hq = torch.stack([img[:, 16 * i:16 * i + cfg.crop, 32 * i:32 * i + cfg.crop] for i in range(cfg.batch)])
+    hq = torch.stack([img[:, 16 * i : 16 * i + cfg.crop, 32 * i : 32 * i + cfg.crop] for i in range(cfg.batch)])
     codec = PixelUnshuffleCodec(4)
     x0 = hq * 2 - 1
     up = torch.nn.functional.interpolate(bicubic_lq(hq, 4) * 2 - 1, scale_factor=4, mode="bicubic").clamp(-1, 1)
@@ -122,8 +125,17 @@ def sad_step_fn(cfg: BenchConfig, flow_only: bool, one_backward: bool = False):
 
     def step(i):
         draws = _draws(z0.shape[1:], sad_cfg, cfg.batch, i)
-        out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
-                         backward=None if one_backward else torch.Tensor.backward)
+        out = sad_losses(
+            model,
+            z0,
+            z_lq,
+            draws,
+            sad_cfg,
+            decode=codec.decode,
+            x0=x0,
+            lpips=lpips,
+            backward=None if one_backward else torch.Tensor.backward,
+        )
         if one_backward:
             out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -166,7 +178,7 @@ def osediff_step_fn(cfg: BenchConfig):
             x_real = z_t - tb * teacher(z_t, t, z_lq, t)
             x_fake = z_t - tb * fake(z_t, t, z_lq, t)
             grad = x_fake - x_real
-            grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)   # DMD's normaliser
+            grad = grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)  # DMD's normaliser
         loss_vsd = 0.5 * F.mse_loss(z_fake, (z_fake - grad).detach())
         (loss_data + loss_vsd).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -258,6 +270,7 @@ def run_case(case: str, cfg: BenchConfig) -> dict:
     import torch  # noqa: F401  (imported by every case and by "idle": part of the baseline)
 
     from teasr_cli import lora, sad  # noqa: F401
+
     try:
         from teasr_cli import metrics  # noqa: F401
     except ImportError:
@@ -273,16 +286,16 @@ def run_case(case: str, cfg: BenchConfig) -> dict:
         else:
             step, *mods = sad_step_fn(cfg, flow_only=case == "lora-flow")
         lp = mods.pop(1)
-        rec["params"], rec["trainable_params"] = _count(*mods)      # backbone copies (LPIPS apart)
+        rec["params"], rec["trainable_params"] = _count(*mods)  # backbone copies (LPIPS apart)
         rec["lpips"] = lp is not None
         resident = _module_tensors(*mods, lp)
-        with LiveTensors(resident) as live:      # the tracker costs microseconds per op: nothing next to a step
-            step(0)                              # allocates the optimizer state
+        with LiveTensors(resident) as live:  # the tracker costs microseconds per op: nothing next to a step
+            step(0)  # allocates the optimizer state
             t0 = time.perf_counter()
-            rec["losses"] = step(1)              # the steady state: optimizer state resident throughout
+            rec["losses"] = step(1)  # the steady state: optimizer state resident throughout
             rec["step_s"] = time.perf_counter() - t0
         rec["tensor_peak_mib"] = (_tensor_bytes(resident) + live.peak) / 2**20
-    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return rec
 
 
@@ -326,46 +339,65 @@ def benchmark(cfg: BenchConfig, default_malloc: bool = False, cases=CASES, progr
                 if sad in by:
                     ratios[f"{sad}/lora-flow ({key})"] = by[sad][key] / by["lora-flow"][key]
                     ratios[f"{sad}/osediff ({key})"] = by[sad][key] / by["osediff"][key]
-    return {"config": asdict(cfg), "malloc": "glibc default" if default_malloc else FIXED_MALLOC,
-            "idle_rss_mib": idle["peak_rss_mib"], "cases": rows, "ratios": ratios}
+    return {
+        "config": asdict(cfg),
+        "malloc": "glibc default" if default_malloc else FIXED_MALLOC,
+        "idle_rss_mib": idle["peak_rss_mib"],
+        "cases": rows,
+        "ratios": ratios,
+    }
 
 
 def table(res: dict) -> str:
-    lines = ["| case | peak RSS above idle (MiB) | x lora-flow | tensor peak (MiB) | x lora-flow | step (s) "
-             "| backbone params (M) | trainable (M) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | peak RSS above idle (MiB) | x lora-flow | tensor peak (MiB) | x lora-flow | step (s) "
+        "| backbone params (M) | trainable (M) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     base = next(r for r in res["cases"] if r["case"] == "lora-flow")
     for r in res["cases"]:
-        lines.append(f"| {r['case']} | {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f} | "
-                     f"{r['tensor_peak_mib']:.0f} | {r['tensor_peak_mib'] / base['tensor_peak_mib']:.2f} | "
-                     f"{r['step_s']:.1f} | {r['params'] / 1e6:.1f} | {r['trainable_params'] / 1e6:.2f} |")
+        lines.append(
+            f"| {r['case']} | {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f} | "
+            f"{r['tensor_peak_mib']:.0f} | {r['tensor_peak_mib'] / base['tensor_peak_mib']:.2f} | "
+            f"{r['step_s']:.1f} | {r['params'] / 1e6:.1f} | {r['trainable_params'] / 1e6:.2f} |"
+        )
     return "\n".join(lines)
 
 
 # the runs recorded in benchmarks/README.md ("Training memory")
-WEIGHTS_DOMINATE = dict(hidden_size=1024, num_heads=16, patch_size=4, batch=1)   # as at 20B with checkpointing
+WEIGHTS_DOMINATE = dict(hidden_size=1024, num_heads=16, patch_size=4, batch=1)  # as at 20B with checkpointing
 RECORDED = {
     "A: hidden 512, patch 2, batch 2, checkpointing": (BenchConfig(gradient_checkpointing=True), False),
     "A with glibc's default malloc": (BenchConfig(gradient_checkpointing=True), True),
-    "B: hidden 1024, patch 4, batch 1, checkpointing": (BenchConfig(**WEIGHTS_DOMINATE, gradient_checkpointing=True),
-                                                        False),
+    "B: hidden 1024, patch 4, batch 1, checkpointing": (
+        BenchConfig(**WEIGHTS_DOMINATE, gradient_checkpointing=True),
+        False,
+    ),
     "C: A without checkpointing, crop 128": (BenchConfig(crop=128), False),
 }
 
 
 def report(label: str, res: dict) -> str:
     cfg = res["config"]
-    return (f"### {label}\nconfig: {json.dumps(cfg)}; malloc: {json.dumps(res['malloc'])}; "
-            f"idle process RSS {res['idle_rss_mib']:.0f} MiB\n\n{table(res)}\n\n"
-            + "; ".join(f"{k} = {v:.2f}" for k, v in res["ratios"].items()) + "\n")
+    return (
+        f"### {label}\nconfig: {json.dumps(cfg)}; malloc: {json.dumps(res['malloc'])}; "
+        f"idle process RSS {res['idle_rss_mib']:.0f} MiB\n\n{table(res)}\n\n"
+        + "; ".join(f"{k} = {v:.2f}" for k, v in res["ratios"].items())
+        + "\n"
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=("idle", *CASES), help=argparse.SUPPRESS)    # internal: one case, JSON out
+    ap.add_argument("--case", choices=("idle", *CASES), help=argparse.SUPPRESS)  # internal: one case, JSON out
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--all", action="store_true", help="the recorded runs (about 15 min on 2 idle cores) -> --out")
-    ap.add_argument("--only", default="", help="with --all: the recorded runs whose label starts with one of "
-                    "these comma-separated prefixes (e.g. 'A:,C:'); others are kept from the existing --out")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="with --all: the recorded runs whose label starts with one of "
+        "these comma-separated prefixes (e.g. 'A:,C:'); others are kept from the existing --out",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny config (seconds): checks the script runs")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--crop", type=int, default=256)
@@ -390,8 +422,16 @@ def main(argv=None):
         return
     cfg = BenchConfig(crop=args.crop, gradient_checkpointing=args.gradient_checkpointing, threads=args.threads)
     if args.quick:
-        cfg = BenchConfig(hidden_size=64, depth=2, num_heads=4, batch=1, crop=64, lora_rank=4,
-                          gradient_checkpointing=args.gradient_checkpointing, threads=args.threads)
+        cfg = BenchConfig(
+            hidden_size=64,
+            depth=2,
+            num_heads=4,
+            batch=1,
+            crop=64,
+            lora_rank=4,
+            gradient_checkpointing=args.gradient_checkpointing,
+            threads=args.threads,
+        )
     res = benchmark(cfg, args.default_malloc)
     print(report("quick" if args.quick else "run", res))
     if args.out:

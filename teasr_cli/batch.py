@@ -5,6 +5,7 @@ earlier (interrupted) run already made with the same settings, which it made wit
 share of the list this process takes under `accelerate launch`. Each written output is recorded, with the
 settings that made it, in RECORD beside the outputs, so a re-run with other settings is told apart from a resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,8 @@ from teasr_cli.imageio import (
     write_image,
 )
 
-RECORD = ".teasr-batch.jsonl"   # one JSON line per output written: {"output": relative path, "settings": {...}}
-FORMAT_SUFFIXES = {"jpeg": ".jpg", "tif": ".tiff"}   # --format names whose file suffix differs
+RECORD = ".teasr-batch.jsonl"  # one JSON line per output written: {"output": relative path, "settings": {...}}
+FORMAT_SUFFIXES = {"jpeg": ".jpg", "tif": ".tiff"}  # --format names whose file suffix differs
 
 
 def suffix_for(fmt: str | None, default: str) -> str:
@@ -42,10 +43,12 @@ def suffix_for(fmt: str | None, default: str) -> str:
 
 def check_output(dst: Path, fmt: str | None) -> None:
     """Refuse an output name whose image suffix says another format than --format (JPEG bytes in a .png)."""
-    asked = output_format(dst, fmt)   # an unknown format or suffix fails here, before minutes of sampling
+    asked = output_format(dst, fmt)  # an unknown format or suffix fails here, before minutes of sampling
     if fmt and dst.suffix.lower() in SUFFIX_FORMATS and SUFFIX_FORMATS[dst.suffix.lower()] != asked:
-        raise ImageWriteError(f"{dst} has the suffix of another format than --format {fmt}; "
-                              f"name it {dst.with_suffix(suffix_for(fmt, dst.suffix)).name} or drop --format")
+        raise ImageWriteError(
+            f"{dst} has the suffix of another format than --format {fmt}; "
+            f"name it {dst.with_suffix(suffix_for(fmt, dst.suffix)).name} or drop --format"
+        )
 
 
 def dist_rank() -> tuple[int, int, int]:
@@ -68,40 +71,55 @@ def matches(rel: PurePosixPath, pattern: str) -> bool:
 
 def list_inputs(folder: Path, pattern: str = "*", recursive: bool = False, exclude: Path | None = None) -> list[Path]:
     """The images under `folder` to upscale, sorted (so every process of a sharded run sees the same list)."""
-    files = find_images(folder, "*", recursive, exclude)   # never re-upscale our own outputs
+    files = find_images(folder, "*", recursive, exclude)  # never re-upscale our own outputs
     return [p for p in files if matches(PurePosixPath(p.relative_to(folder).as_posix()), pattern)]
 
 
 @dataclass
 class Plan:
     outdir: Path
-    jobs: list[tuple[Path, Path]]                  # this process's share: (input, output)
-    todo: list[tuple[Path, Path]]                  # what this run upscales
-    done: list[tuple[Path, Path]] = field(default_factory=list)    # output exists (same or unrecorded settings)
-    stale: list[tuple[Path, Path, dict]] = field(default_factory=list)   # output made with other settings: kept
+    jobs: list[tuple[Path, Path]]  # this process's share: (input, output)
+    todo: list[tuple[Path, Path]]  # what this run upscales
+    done: list[tuple[Path, Path]] = field(default_factory=list)  # output exists (same or unrecorded settings)
+    stale: list[tuple[Path, Path, dict]] = field(default_factory=list)  # output made with other settings: kept
     rank: int = 0
     world: int = 1
 
 
-def plan(folder: Path, outdir: Path, settings: dict, pattern: str = "*", recursive: bool = False,
-         fmt: str | None = None, suffix: str = "", overwrite: bool = False, rank: int = 0, world: int = 1) -> Plan:
+def plan(
+    folder: Path,
+    outdir: Path,
+    settings: dict,
+    pattern: str = "*",
+    recursive: bool = False,
+    fmt: str | None = None,
+    suffix: str = "",
+    overwrite: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> Plan:
     """What one process of a batch does. `settings` (JSON-able) are compared with those recorded for each
     existing output: outputs made with other settings are kept and listed in `stale` unless `overwrite`."""
     files = list_inputs(folder, pattern, recursive, outdir)
     if not files:
-        raise TeasrError(f"no images matching {pattern!r} in {folder}"
-                         + ("" if recursive else " (use -r for subfolders)"))
-    jobs = [(src, outdir / src.relative_to(folder).with_name(src.stem + suffix + suffix_for(fmt, src.suffix)))
-            for src in files]
+        raise TeasrError(
+            f"no images matching {pattern!r} in {folder}" + ("" if recursive else " (use -r for subfolders)")
+        )
+    jobs = [
+        (src, outdir / src.relative_to(folder).with_name(src.stem + suffix + suffix_for(fmt, src.suffix)))
+        for src in files
+    ]
     seen: dict[Path, Path] = {}
     for src, dst in jobs:
-        if dst in seen:   # a.jpg and a.png with -f png, say: the second would silently replace the first
-            raise TeasrError(f"{seen[dst].name} and {src.name} would both be written to {dst}; "
-                             "use -f with their own format, or move one of them")
+        if dst in seen:  # a.jpg and a.png with -f png, say: the second would silently replace the first
+            raise TeasrError(
+                f"{seen[dst].name} and {src.name} would both be written to {dst}; "
+                "use -f with their own format, or move one of them"
+            )
         seen[dst] = src
-    jobs = jobs[rank::world]   # shard the sorted list before skipping, so no file is ever done twice
+    jobs = jobs[rank::world]  # shard the sorted list before skipping, so no file is ever done twice
     records = read_records(outdir)
-    settings = json.loads(json.dumps(settings))   # compare as they are stored (tuples become lists, ...)
+    settings = json.loads(json.dumps(settings))  # compare as they are stored (tuples become lists, ...)
     p = Plan(outdir, jobs, [], rank=rank, world=world)
     for src, dst in jobs:
         made_with = records.get(dst.relative_to(outdir).as_posix())
@@ -131,7 +149,7 @@ def read_records(outdir: Path) -> dict[str, dict]:
         try:
             rec = json.loads(line)
             records[rec["output"]] = rec["settings"]
-        except (ValueError, KeyError, TypeError):   # a run killed mid-append leaves at most one torn line
+        except (ValueError, KeyError, TypeError):  # a run killed mid-append leaves at most one torn line
             continue
     return records
 
@@ -151,6 +169,7 @@ def batch_settings(settings, scale: float | None, model: str | None, fmt: str | 
 
 # ---------------------------------------------------------------- the work on one file
 
+
 def output_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """(H, W) of an input of `size` (H, W) upscaled by `scale`, rounded to whole pixels."""
     return tuple(max(1, round(n * scale)) for n in size)
@@ -161,13 +180,23 @@ def resize(pic: Picture, size: tuple[int, int]) -> Picture:
     antialiased when it shrinks), as Real-ESRGAN's --outscale resizes its x4 result."""
     if pic.size == tuple(size):
         return pic
-    rgb = torch.cat([upscale_alpha(c[None], size) for c in pic.rgb])   # upscale_alpha: Lanczos per float channel
+    rgb = torch.cat([upscale_alpha(c[None], size) for c in pic.rgb])  # upscale_alpha: Lanczos per float channel
     return replace_pixels(pic, rgb)
 
 
-def upscale_file(up, src: Path, dst: Path, settings, scale: float | None = None, fmt: str | None = None,
-                 quality: int = 95, max_pixels: int | None = None, callback=None, tile_callback=None,
-                 on_read=None) -> Picture:
+def upscale_file(
+    up,
+    src: Path,
+    dst: Path,
+    settings,
+    scale: float | None = None,
+    fmt: str | None = None,
+    quality: int = 95,
+    max_pixels: int | None = None,
+    callback=None,
+    tile_callback=None,
+    on_read=None,
+) -> Picture:
     """Read `src`, upscale it (x the model's scale, then resized to `scale` if another is asked for) and write
     `dst` atomically. on_read(picture) runs before the model does (e.g. to size a progress bar)."""
     pic = read_image(src, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)

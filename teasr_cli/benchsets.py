@@ -5,6 +5,7 @@ A pair is loaded only when it is evaluated, so a test set of thousands of images
 memory; its names and sizes are checked first, from the file headers, so a bad folder fails in
 seconds with a message naming the offending files instead of after an hour of sampling.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import silent_tqdm
 from PIL import Image, UnidentifiedImageError
 
@@ -29,7 +35,7 @@ from .errors import TeasrError
 from .imageio import image_files, read_image
 
 SCALE = 4
-SHOW = 5   # offenders listed in an error message; the rest are counted
+SHOW = 5  # offenders listed in an error message; the rest are counted
 
 REPO_ID = "Iceclear/StableSR-TestSets"
 ZIP_NAME = "StableSR_testsets.zip"
@@ -46,16 +52,20 @@ class DatasetError(TeasrError):
 
 @dataclass(frozen=True)
 class NamedSet:
-    folder: str   # folder inside the zip (under its top-level StableSR_testsets/)
+    folder: str  # folder inside the zip (under its top-level StableSR_testsets/)
     lq: str
     hq: str
     about: str
 
 
 NAMED: dict[str, NamedSet] = {
-    "realsr": NamedSet("RealSRVal_crop128", "test_LR", "test_HR", "RealSR (Canon/Nikon), 100 real LR/HR crops, 128 -> 512"),
+    "realsr": NamedSet(
+        "RealSRVal_crop128", "test_LR", "test_HR", "RealSR (Canon/Nikon), 100 real LR/HR crops, 128 -> 512"
+    ),
     "drealsr": NamedSet("DrealSRVal_crop128", "test_LR", "test_HR", "DRealSR, 93 real LR/HR crops, 128 -> 512"),
-    "div2k-val": NamedSet("DIV2K_V2_val", "lq", "gt", "DIV2K validation crops with Real-ESRGAN degradation, 128 -> 512"),
+    "div2k-val": NamedSet(
+        "DIV2K_V2_val", "lq", "gt", "DIV2K validation crops with Real-ESRGAN degradation, 128 -> 512"
+    ),
 }
 
 
@@ -63,6 +73,7 @@ NAMED: dict[str, NamedSet] = {
 class Pair:
     """One benchmark item. `lq` None: the LQ is made from `hq` by `degrade` ("bicubic" or a
     degrade.py preset) with a generator seeded from (`seed`, `index`), so it is the same every run."""
+
     name: str
     lq: Path | None
     hq: Path
@@ -78,12 +89,15 @@ class Pair:
         lq = read_image(self.lq).rgb[None]
         (h, w), (H, W) = lq.shape[-2:], hq.shape[-2:]
         if (H, W) != (scale * h, scale * w):
-            raise DatasetError(f"pair '{self.name}': HQ {self.hq.name} is {W}x{H} but LQ {self.lq.name} is {w}x{h}; "
-                               f"HQ must be exactly {scale}x the LQ ({scale * w}x{scale * h})")
+            raise DatasetError(
+                f"pair '{self.name}': HQ {self.hq.name} is {W}x{H} but LQ {self.lq.name} is {w}x{h}; "
+                f"HQ must be exactly {scale}x the LQ ({scale * w}x{scale * h})"
+            )
         return lq, hq
 
 
 # ------------------------------------------------------------------ synthetic LQ
+
 
 def pair_seed(seed: int, index: int) -> int:
     """A well-mixed 63-bit seed per (run seed, image index): neighbouring images and seeds get
@@ -91,7 +105,9 @@ def pair_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def synth_lq(hq: torch.Tensor, how: str, seed: int, index: int, scale: int = SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+def synth_lq(
+    hq: torch.Tensor, how: str, seed: int, index: int, scale: int = SCALE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(1, 3, H, W) HQ -> (lq, hq cropped to a multiple of `scale`); LQ rounded to 8 bits like a real file.
     `how`: "bicubic" (plain antialiased downscale) or a degrade.py preset name."""
     H, W = (hq.shape[-2] // scale) * scale, (hq.shape[-1] // scale) * scale
@@ -135,8 +151,9 @@ def _by_key(files: list[Path], role: str, folder: Path, keyfn=match_key) -> dict
     for p in files:
         key = keyfn(p.stem)
         if key in out:
-            raise DatasetError(f"{role} folder {folder}: {out[key].name} and {p.name} name the same image; "
-                               "keep one file per image")
+            raise DatasetError(
+                f"{role} folder {folder}: {out[key].name} and {p.name} name the same image; keep one file per image"
+            )
         out[key] = p
     return out
 
@@ -145,7 +162,7 @@ def pair_folders(lq_dir, hq_dir) -> list[Pair]:
     """Match LQ and HQ files by name (exact stem first, then with LR/HR tokens dropped)."""
     lq_dir, hq_dir = Path(lq_dir), Path(hq_dir)
     lqs, hqs = image_files(lq_dir, "LQ folder", DatasetError), image_files(hq_dir, "HQ folder", DatasetError)
-    _by_key(lqs, "LQ", lq_dir, keyfn=str)   # a.png beside a.jpg: refuse rather than pick one
+    _by_key(lqs, "LQ", lq_dir, keyfn=str)  # a.png beside a.jpg: refuse rather than pick one
     hq_by_stem = _by_key(hqs, "HQ", hq_dir, keyfn=str)
     pairs = {p: hq_by_stem[p.stem] for p in lqs if p.stem in hq_by_stem}
     rest_lq = [p for p in lqs if p not in pairs]
@@ -157,9 +174,12 @@ def pair_folders(lq_dir, hq_dir) -> list[Pair]:
     no_hq = [p for p in lqs if p not in pairs]
     no_lq = sorted(hq_by_key.values())
     if no_hq or no_lq:
-        parts = ([f"{len(no_hq)} LQ image(s) without an HQ partner in {hq_dir}: {_names(no_hq)}"] if no_hq else []) + \
-                ([f"{len(no_lq)} HQ image(s) without an LQ partner in {lq_dir}: {_names(no_lq)}"] if no_lq else [])
-        raise DatasetError("LQ and HQ names do not match: " + "; ".join(parts) + " (names must be equal up to LR/HR tokens)")
+        parts = ([f"{len(no_hq)} LQ image(s) without an HQ partner in {hq_dir}: {_names(no_hq)}"] if no_hq else []) + (
+            [f"{len(no_lq)} HQ image(s) without an LQ partner in {lq_dir}: {_names(no_lq)}"] if no_lq else []
+        )
+        raise DatasetError(
+            "LQ and HQ names do not match: " + "; ".join(parts) + " (names must be equal up to LR/HR tokens)"
+        )
     return [Pair(lq.stem if lq.stem == hq.stem else strip_tokens(hq.stem), lq, hq) for lq, hq in sorted(pairs.items())]
 
 
@@ -191,11 +211,13 @@ def check_sizes(pairs: list[Pair], scale: int = SCALE) -> None:
             bad.append(f"{p.name} (LQ {w}x{h}, HQ {W}x{H})")
     if bad:
         more = f" and {len(bad) - SHOW} more" if len(bad) > SHOW else ""
-        raise DatasetError(f"HQ must be exactly {scale}x the LQ, but {len(bad)} pair(s) are not: "
-                           f"{', '.join(bad[:SHOW])}{more}")
+        raise DatasetError(
+            f"HQ must be exactly {scale}x the LQ, but {len(bad)} pair(s) are not: {', '.join(bad[:SHOW])}{more}"
+        )
 
 
 # ------------------------------------------------------------------ named sets from the Hub
+
 
 def fetch(name: str, cache_dir=None, progress: bool = True) -> tuple[Path, Path]:
     """(lq_dir, hq_dir) of a named set: the zip is downloaded into the HF cache on first use and
@@ -206,28 +228,49 @@ def fetch(name: str, cache_dir=None, progress: bool = True) -> tuple[Path, Path]
     root = extract_once(_download(name, cache_dir, progress))
     folder = next((d for d in (root / spec.folder, *root.glob(f"*/{spec.folder}")) if d.is_dir()), None)
     if folder is None:
-        raise DatasetError(f"the {ZIP_NAME} of {REPO_ID} has no {spec.folder} folder (extracted in {root}); "
-                           "delete that folder and the cached zip and retry")
+        raise DatasetError(
+            f"the {ZIP_NAME} of {REPO_ID} has no {spec.folder} folder (extracted in {root}); "
+            "delete that folder and the cached zip and retry"
+        )
     return folder / spec.lq, folder / spec.hq
 
 
 def _download(name: str, cache_dir, progress: bool) -> Path:
     try:
-        return Path(hf_hub_download(REPO_ID, ZIP_NAME, repo_type="dataset", revision=REVISION, cache_dir=cache_dir,
-                                    tqdm_class=None if progress else silent_tqdm))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:   # first: LocalEntryNotFoundError is an EntryNotFoundError
+        return Path(
+            hf_hub_download(
+                REPO_ID,
+                ZIP_NAME,
+                repo_type="dataset",
+                revision=REVISION,
+                cache_dir=cache_dir,
+                tqdm_class=None if progress else silent_tqdm,
+            )
+        )
+    except (
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+    ) as e:  # first: LocalEntryNotFoundError is an EntryNotFoundError
         why = " (HF_HUB_OFFLINE is set)" if constants.is_offline_mode() else ""
-        raise DatasetError(f"dataset {name} is not in the local cache and the Hub cannot be reached{why}; "
-                           "run once with a network, or pass --lq DIR --hq DIR") from e
+        raise DatasetError(
+            f"dataset {name} is not in the local cache and the Hub cannot be reached{why}; "
+            "run once with a network, or pass --lq DIR --hq DIR"
+        ) from e
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
-        raise DatasetError(f"{REPO_ID}@{REVISION} on the Hub has no {ZIP_NAME} ({type(e).__name__}); "
-                           "the test sets moved: pass --lq DIR --hq DIR with a local copy") from e
+        raise DatasetError(
+            f"{REPO_ID}@{REVISION} on the Hub has no {ZIP_NAME} ({type(e).__name__}); "
+            "the test sets moved: pass --lq DIR --hq DIR with a local copy"
+        ) from e
     except OSError as e:
-        raise DatasetError(f"cannot download dataset {name} ({e.strerror or type(e).__name__}); check the network "
-                           "and free disk space, or pass --lq DIR --hq DIR") from e
-    except Exception as e:   # httpx transport errors and other client failures
-        raise DatasetError(f"downloading dataset {name} from {REPO_ID} failed ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); retry, or pass --lq DIR --hq DIR") from e
+        raise DatasetError(
+            f"cannot download dataset {name} ({e.strerror or type(e).__name__}); check the network "
+            "and free disk space, or pass --lq DIR --hq DIR"
+        ) from e
+    except Exception as e:  # httpx transport errors and other client failures
+        raise DatasetError(
+            f"downloading dataset {name} from {REPO_ID} failed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); retry, or pass --lq DIR --hq DIR"
+        ) from e
 
 
 def extract_dir(zip_path: Path) -> Path:
@@ -242,8 +285,12 @@ def extract_dir(zip_path: Path) -> Path:
 def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
     """The member's relative path, refusing absolute paths, '..' (zip-slip) and symlinks."""
     path = PurePosixPath(info.filename.replace("\\", "/"))
-    if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", info.filename) or \
-            stat.S_ISLNK(info.external_attr >> 16):
+    if (
+        path.is_absolute()
+        or ".." in path.parts
+        or re.match(r"^[A-Za-z]:", info.filename)
+        or stat.S_ISLNK(info.external_attr >> 16)
+    ):
         return None
     return path
 
@@ -261,8 +308,10 @@ def extract_once(zip_path: Path) -> Path:
             for info in zf.infolist():
                 rel = _safe_member(info)
                 if rel is None:
-                    raise DatasetError(f"{zip_path} has an unsafe entry {info.filename!r} (absolute path, '..' or "
-                                       "link); refusing to extract it")
+                    raise DatasetError(
+                        f"{zip_path} has an unsafe entry {info.filename!r} (absolute path, '..' or "
+                        "link); refusing to extract it"
+                    )
                 if not info.is_dir() and rel.parts and rel.parts[0] != "__MACOSX":
                     dst = tmp.joinpath(*rel.parts)
                     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -271,13 +320,14 @@ def extract_once(zip_path: Path) -> Path:
         try:
             os.rename(tmp, target)
         except OSError:
-            if not target.is_dir():   # else another process finished first: use its copy
+            if not target.is_dir():  # else another process finished first: use its copy
                 raise
     except zipfile.BadZipFile as e:
         raise DatasetError(f"{zip_path} is not a valid zip ({e}); delete it and retry the download") from e
     except OSError as e:
-        raise DatasetError(f"cannot extract {zip_path} into {target.parent} ({e.strerror or e}); "
-                           "check free disk space and permissions") from e
+        raise DatasetError(
+            f"cannot extract {zip_path} into {target.parent} ({e.strerror or e}); check free disk space and permissions"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -285,8 +335,16 @@ def extract_once(zip_path: Path) -> Path:
 
 # ------------------------------------------------------------------ one entry point for the CLI
 
-def resolve_pairs(dataset: str | None = None, lq=None, hq=None, degrade: str | None = None, seed: int = 0,
-                  cache_dir=None, progress: bool = True) -> tuple[list[Pair], str, dict]:
+
+def resolve_pairs(
+    dataset: str | None = None,
+    lq=None,
+    hq=None,
+    degrade: str | None = None,
+    seed: int = 0,
+    cache_dir=None,
+    progress: bool = True,
+) -> tuple[list[Pair], str, dict]:
     """Pairs for one of: a named set, an LQ/HQ folder pair, or HQ + an on-the-fly degradation.
 
     Returns (pairs, label for titles and the default output folder, JSON description of the data,
@@ -299,7 +357,9 @@ def resolve_pairs(dataset: str | None = None, lq=None, hq=None, degrade: str | N
     if hq is None and lq is not None:
         raise DatasetError("--lq needs --hq DIR with the matching HQ images")
     if hq is None:
-        raise DatasetError("no images to evaluate: pass --dataset NAME, --lq DIR --hq DIR, or --hq DIR --degrade PRESET")
+        raise DatasetError(
+            "no images to evaluate: pass --dataset NAME, --lq DIR --hq DIR, or --hq DIR --degrade PRESET"
+        )
     hq = Path(hq)
     if lq is not None and degrade:
         raise DatasetError("--lq and --degrade exclude each other: the LQ comes either from a folder or from --degrade")
@@ -308,5 +368,8 @@ def resolve_pairs(dataset: str | None = None, lq=None, hq=None, degrade: str | N
         return pair_folders(lq, hq), hq.resolve().name, {"lq": str(lq.resolve()), "hq": str(hq.resolve())}
     if not degrade:
         raise DatasetError("--hq needs either --lq DIR (real LQ images) or --degrade PRESET (LQ made from the HQ)")
-    return (synthetic_pairs(hq, degrade, seed), f"{hq.resolve().name}-{degrade}",
-            {"hq": str(hq.resolve()), "degrade": degrade, "degrade_seed": seed})
+    return (
+        synthetic_pairs(hq, degrade, seed),
+        f"{hq.resolve().name}-{degrade}",
+        {"hq": str(hq.resolve()), "degrade": degrade, "degrade_seed": seed},
+    )

@@ -3,6 +3,7 @@
 The library (torch and all) is imported inside the commands, so that `teasr --help`, `--version` and shell
 completion, which run this module on every TAB, answer at once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,9 +32,12 @@ from rich.table import Table
 from teasr_cli import __version__
 from teasr_cli.errors import ImageWriteError, TeasrError
 
-app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
-                  context_settings={"help_option_names": ["-h", "--help"]},
-                  help="teasr: x4 photo upscaling with an any-step diffusion transformer (TEASR).")
+app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="teasr: x4 photo upscaling with an any-step diffusion transformer (TEASR).",
+)
 console = Console(stderr=True)
 
 
@@ -64,8 +68,17 @@ def _warn(message, category, filename, lineno, file=None, line=None):
 
 def _bar(*extra, transient: bool = False) -> Progress:
     """The one progress bar: what, bar, done/total, elapsed, ETA (and any extra columns)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), *extra, console=console, transient=transient)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        *extra,
+        console=console,
+        transient=transient,
+    )
 
 
 def _version(value: bool):
@@ -75,12 +88,16 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+def _root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+):
     pass
 
 
 # ------------------------------------------------------------------ choices (listed in --help, checked by click)
+
 
 def _choices(name: str, values) -> type[Enum]:
     """A str Enum, which Typer turns into a click.Choice that --help lists. The values copy the library's
@@ -89,40 +106,66 @@ def _choices(name: str, values) -> type[Enum]:
     return Enum(name, {v: v for v in values}, type=str)
 
 
-ColorFix = _choices("ColorFix", ("wavelet", "adain", "none"))            # pipeline.COLOR_FIXES
-DType = _choices("DType", ("auto", "fp32", "bf16", "fp16"))              # "auto" + pipeline.DTYPES
-Offload = _choices("Offload", ("none", "model", "sequential"))           # backbones.qwen_image.OFFLOAD_MODES
-ImageFormat = _choices("ImageFormat", ("png", "jpg", "jpeg", "webp", "tiff", "tif", "bmp"))   # imageio.SUFFIX_FORMATS
+ColorFix = _choices("ColorFix", ("wavelet", "adain", "none"))  # pipeline.COLOR_FIXES
+DType = _choices("DType", ("auto", "fp32", "bf16", "fp16"))  # "auto" + pipeline.DTYPES
+Offload = _choices("Offload", ("none", "model", "sequential"))  # backbones.qwen_image.OFFLOAD_MODES
+ImageFormat = _choices("ImageFormat", ("png", "jpg", "jpeg", "webp", "tiff", "tif", "bmp"))  # imageio.SUFFIX_FORMATS
 
 
 # ------------------------------------------------------------------ shared options, declared once
 
-MODEL_HELP = ("Model: a name (see `teasr models`), a local folder, or a Hub repo `org/name\\[@revision]`. "
-              "Default: the embedded model.")
+MODEL_HELP = (
+    "Model: a name (see `teasr models`), a local folder, or a Hub repo `org/name\\[@revision]`. "
+    "Default: the embedded model."
+)
 SAMPLING, DEVICE = "Sampling", "Device"
-StepsOpt = typer.Option(1, "--steps", "-n", min=1, help="Sampling steps: 1 is fastest and most faithful, "
-                        "more adds natural detail.")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for PyTorch (default: all cores).",
-                          rich_help_panel=DEVICE)
-DeviceOpt = typer.Option("auto", "--device", metavar="[auto|cpu|cuda|cuda:N|mps]", rich_help_panel=DEVICE,
-                         help="Where to run (auto: a GPU if there is one).")
-DtypeOpt = typer.Option(DType.auto, "--dtype", case_sensitive=False, rich_help_panel=DEVICE,
-                        help="auto: bf16 for qwen-image and on CPUs with AMX, else fp32. fp16 is for GPUs.")
-FormatOpt = typer.Option(None, "--format", "-f", case_sensitive=False,
-                         help="Output format; default: from the output's suffix.")
+StepsOpt = typer.Option(
+    1, "--steps", "-n", min=1, help="Sampling steps: 1 is fastest and most faithful, more adds natural detail."
+)
+ThreadsOpt = typer.Option(
+    None, "--threads", min=1, help="CPU threads for PyTorch (default: all cores).", rich_help_panel=DEVICE
+)
+DeviceOpt = typer.Option(
+    "auto",
+    "--device",
+    metavar="[auto|cpu|cuda|cuda:N|mps]",
+    rich_help_panel=DEVICE,
+    help="Where to run (auto: a GPU if there is one).",
+)
+DtypeOpt = typer.Option(
+    DType.auto,
+    "--dtype",
+    case_sensitive=False,
+    rich_help_panel=DEVICE,
+    help="auto: bf16 for qwen-image and on CPUs with AMX, else fp32. fp16 is for GPUs.",
+)
+FormatOpt = typer.Option(
+    None, "--format", "-f", case_sensitive=False, help="Output format; default: from the output's suffix."
+)
 QualityOpt = typer.Option(95, "--quality", min=1, max=100, help="JPEG/WebP quality.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace existing output files.")
-MaxPixelsOpt = typer.Option(None, "--max-pixels", min=1,
-                            help="Refuse inputs with more pixels than this (decompression-bomb guard; default 100M).")
+MaxPixelsOpt = typer.Option(
+    None,
+    "--max-pixels",
+    min=1,
+    help="Refuse inputs with more pixels than this (decompression-bomb guard; default 100M).",
+)
+
+
 def _check_scale(value: float | None) -> float | None:
     if value is not None and not 0 < value <= 16:
         raise typer.BadParameter(f"{value:g} is not a scale above 0 and at most 16 (e.g. 2, 3.5 or 0.5)")
     return value
 
 
-ScaleOpt = typer.Option(None, "--scale", "-s", callback=_check_scale,
-                        help="Output scale, any number (e.g. 2 or 3.5): the model's x4 result resized with Lanczos, "
-                        "as Real-ESRGAN's --outscale. Default: 4.")
+ScaleOpt = typer.Option(
+    None,
+    "--scale",
+    "-s",
+    callback=_check_scale,
+    help="Output scale, any number (e.g. 2 or 3.5): the model's x4 result resized with Lanczos, "
+    "as Real-ESRGAN's --outscale. Default: 4.",
+)
 
 
 ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
@@ -135,35 +178,97 @@ def _opt(name, annotation, default):
 SAMPLING_PARAMS = [
     _opt("model", str | None, ModelOpt),
     _opt("seed", int, typer.Option(0, "--seed", help="Noise seed: same seed, same output.", rich_help_panel=SAMPLING)),
-    _opt("tile", int | None, typer.Option(None, "--tile", min=1, rich_help_panel=SAMPLING,
-                                             help="Tile size in latent pixels (default: auto from image and memory).")),
-    _opt("tile_overlap", int | None, typer.Option(None, "--tile-overlap", min=0, rich_help_panel=SAMPLING,
-                                                     help="Tile overlap in latent pixels (default: a quarter tile).")),
-    _opt("color_fix", ColorFix, typer.Option(ColorFix.wavelet, "--color-fix", case_sensitive=False,
-                                             rich_help_panel=SAMPLING, help="Colour correction toward the input.")),
-    _opt("grid_shift", bool, typer.Option(True, "--grid-shift/--no-grid-shift", rich_help_panel=SAMPLING,
-                                          help="With several steps, move the patch grid by half a patch on every "
-                                          "other step (hides patch seams).")),
-    _opt("anchor", bool, typer.Option(True, "--anchor/--no-anchor", rich_help_panel=SAMPLING,
-                                      help="With several steps, take what the input's pixel grid can see from the "
-                                      "1-step result (one more pass) and only the finer detail from the N steps: "
-                                      "more faithful.")),
-    _opt("fidelity", float, typer.Option(0.0, "--fidelity", min=0.0, max=1.0, rich_help_panel=SAMPLING,
-                                         help="For clean inputs (resized, not blurry, noisy or compressed): keep 1-F "
-                                         "of the added detail and make the output downscale back to the input "
-                                         "exactly. 0 = off; 0.5 is a good start.")),
+    _opt(
+        "tile",
+        int | None,
+        typer.Option(
+            None,
+            "--tile",
+            min=1,
+            rich_help_panel=SAMPLING,
+            help="Tile size in latent pixels (default: auto from image and memory).",
+        ),
+    ),
+    _opt(
+        "tile_overlap",
+        int | None,
+        typer.Option(
+            None,
+            "--tile-overlap",
+            min=0,
+            rich_help_panel=SAMPLING,
+            help="Tile overlap in latent pixels (default: a quarter tile).",
+        ),
+    ),
+    _opt(
+        "color_fix",
+        ColorFix,
+        typer.Option(
+            ColorFix.wavelet,
+            "--color-fix",
+            case_sensitive=False,
+            rich_help_panel=SAMPLING,
+            help="Colour correction toward the input.",
+        ),
+    ),
+    _opt(
+        "grid_shift",
+        bool,
+        typer.Option(
+            True,
+            "--grid-shift/--no-grid-shift",
+            rich_help_panel=SAMPLING,
+            help="With several steps, move the patch grid by half a patch on every other step (hides patch seams).",
+        ),
+    ),
+    _opt(
+        "anchor",
+        bool,
+        typer.Option(
+            True,
+            "--anchor/--no-anchor",
+            rich_help_panel=SAMPLING,
+            help="With several steps, take what the input's pixel grid can see from the "
+            "1-step result (one more pass) and only the finer detail from the N steps: "
+            "more faithful.",
+        ),
+    ),
+    _opt(
+        "fidelity",
+        float,
+        typer.Option(
+            0.0,
+            "--fidelity",
+            min=0.0,
+            max=1.0,
+            rich_help_panel=SAMPLING,
+            help="For clean inputs (resized, not blurry, noisy or compressed): keep 1-F "
+            "of the added detail and make the output downscale back to the input "
+            "exactly. 0 = off; 0.5 is a good start.",
+        ),
+    ),
     _opt("device", str, DeviceOpt),
     _opt("dtype", DType, DtypeOpt),
     _opt("threads", int | None, ThreadsOpt),
-    _opt("offload", Offload, typer.Option(Offload.none, "--offload", case_sensitive=False, rich_help_panel=DEVICE,
-                                          help="Big models: none, model (one of DiT/VAE on the GPU at a time) or "
-                                          "sequential (layer by layer, least memory).")),
+    _opt(
+        "offload",
+        Offload,
+        typer.Option(
+            Offload.none,
+            "--offload",
+            case_sensitive=False,
+            rich_help_panel=DEVICE,
+            help="Big models: none, model (one of DiT/VAE on the GPU at a time) or "
+            "sequential (layer by layer, least memory).",
+        ),
+    ),
 ]
 
 
 @dataclass
 class Sampling:
     """The options every command that runs the model takes (see SAMPLING_PARAMS)."""
+
     model: str | None
     seed: int
     tile: int | None
@@ -180,9 +285,16 @@ class Sampling:
     def settings(self, steps: int):
         from teasr_cli.pipeline import UpscaleSettings
 
-        return UpscaleSettings(steps=steps, seed=self.seed, tile=self.tile, tile_overlap=self.tile_overlap,
-                               color_fix=self.color_fix, grid_shift=self.grid_shift, anchor=self.anchor,
-                               fidelity=self.fidelity)
+        return UpscaleSettings(
+            steps=steps,
+            seed=self.seed,
+            tile=self.tile,
+            tile_overlap=self.tile_overlap,
+            color_fix=self.color_fix,
+            grid_shift=self.grid_shift,
+            anchor=self.anchor,
+            fidelity=self.fidelity,
+        )
 
     def load(self):
         """The Upscaler, after refusing or warning about a dtype this device runs badly."""
@@ -193,15 +305,19 @@ class Sampling:
 
         if self.dtype in ("bf16", "fp16") and pick_device(self.device).type == "cpu":
             if self.dtype == "fp16":
-                raise TeasrError("--dtype fp16 is for GPUs: a CPU emulates it, many times slower than fp32; "
-                                 "use --dtype auto or fp32")
+                raise TeasrError(
+                    "--dtype fp16 is for GPUs: a CPU emulates it, many times slower than fp32; use --dtype auto or fp32"
+                )
             if not cpu_multiplies_bf16():
-                warn("this CPU has no AMX, so bf16 is emulated and runs several times slower than fp32; "
-                     "--dtype auto picks the faster one")
-        hf_logging.set_verbosity_error()   # the one-line errors say what failed; no retry or cache chatter
+                warn(
+                    "this CPU has no AMX, so bf16 is emulated and runs several times slower than fp32; "
+                    "--dtype auto picks the faster one"
+                )
+        hf_logging.set_verbosity_error()  # the one-line errors say what failed; no retry or cache chatter
         with console.status("loading model..."):
-            return Upscaler.from_pretrained(self.model, device=self.device, dtype=self.dtype, threads=self.threads,
-                                            offload=self.offload)
+            return Upscaler.from_pretrained(
+                self.model, device=self.device, dtype=self.dtype, threads=self.threads, offload=self.offload
+            )
 
 
 def sampling_options(fn):
@@ -215,10 +331,13 @@ def sampling_options(fn):
         values = {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
         return fn(opts=Sampling(**values), **kwargs)
 
-    command.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "opts"]
-                                        + SAMPLING_PARAMS)
-    command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "opts"},
-                               **{p.name: p.annotation for p in SAMPLING_PARAMS}}
+    command.__signature__ = sig.replace(
+        parameters=[p for p in sig.parameters.values() if p.name != "opts"] + SAMPLING_PARAMS
+    )
+    command.__annotations__ = {
+        **{k: v for k, v in fn.__annotations__.items() if k != "opts"},
+        **{p.name: p.annotation for p in SAMPLING_PARAMS},
+    }
     return command
 
 
@@ -233,30 +352,45 @@ def _value(choice) -> str | None:
 def _tile_progress(bar: Progress, task, up, settings, name: str):
     """Callbacks that size `task` in tiles x passes once the image is read, move it per tile, and name the
     stage that follows sampling (decode, colour fix, encode) so a long tail is not mistaken for a hang."""
+
     def on_read(pic):
         bar.update(task, completed=0, total=up.work(*pic.size, settings), description=f"upscaling {name}")
 
     def on_tile(done, total):
-        bar.update(task, completed=done, total=total,
-                   description=f"finishing {name} (decode, colour fix, write)" if done >= total else None)
+        bar.update(
+            task,
+            completed=done,
+            total=total,
+            description=f"finishing {name} (decode, colour fix, write)" if done >= total else None,
+        )
+
     return on_read, on_tile
 
 
-@app.command(epilog="""[bold]Examples[/]\n
+@app.command(
+    epilog="""[bold]Examples[/]\n
   teasr upscale photo.jpg                       [dim]# -> photo_x4.jpg, 1 step[/]\n
   teasr upscale photo.jpg -n 4 -o big.png       [dim]# 4 steps: more natural detail[/]\n
   teasr upscale photo.jpg -s 2                  [dim]# -> photo_x2.jpg, exactly twice the size[/]\n
-  teasr upscale scan.tif --model org/name@v1 --device cuda --dtype bf16""")
+  teasr upscale scan.tif --model org/name@v1 --device cuda --dtype bf16"""
+)
 @sampling_options
 def upscale(
     input: Path = typer.Argument(..., help="Image to upscale (JPEG, PNG, WebP, TIFF, BMP)."),
-    output: Path | None = typer.Option(None, "--output", "-o",
-                                          help="Output file (default: INPUT + suffix, with the input's extension)."),
-    steps: int = StepsOpt, scale: float | None = ScaleOpt,
-    suffix: str | None = typer.Option(None, "--suffix", help="Added to the input's name when no -o is given "
-                                         "(default: _x4, or _xS with --scale S)."),
-    format: ImageFormat | None = FormatOpt, quality: int = QualityOpt, overwrite: bool = OverwriteOpt,
-    max_pixels: int | None = MaxPixelsOpt, *, opts: Sampling,
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Output file (default: INPUT + suffix, with the input's extension)."
+    ),
+    steps: int = StepsOpt,
+    scale: float | None = ScaleOpt,
+    suffix: str | None = typer.Option(
+        None, "--suffix", help="Added to the input's name when no -o is given (default: _x4, or _xS with --scale S)."
+    ),
+    format: ImageFormat | None = FormatOpt,
+    quality: int = QualityOpt,
+    overwrite: bool = OverwriteOpt,
+    max_pixels: int | None = MaxPixelsOpt,
+    *,
+    opts: Sampling,
 ):
     """Upscale one image x4 (or to any --scale)."""
     from teasr_cli import batch as work
@@ -280,34 +414,46 @@ def upscale(
         with _bar(transient=True) as bar:
             task = bar.add_task(f"reading {input.name}", total=None)
             on_read, on_tile = _tile_progress(bar, task, up, settings, input.name)
-            out = work.upscale_file(up, input, dst, settings, scale, fmt, quality, max_pixels,
-                                    tile_callback=on_tile, on_read=on_read)
+            out = work.upscale_file(
+                up, input, dst, settings, scale, fmt, quality, max_pixels, tile_callback=on_tile, on_read=on_read
+            )
     except TeasrError as e:
         fail(str(e))
     h, w = out.size
     say(f"wrote {dst} ({w}x{h}) in {time.monotonic() - t0:.0f} s")
 
 
-@app.command(epilog="""[bold]Examples[/]\n
+@app.command(
+    epilog="""[bold]Examples[/]\n
   teasr batch ./photos                          [dim]# -> ./photos_x4/[/]\n
   teasr batch ./photos -o ./big -r --glob '*.jpg' -n 4\n
-  teasr batch ./photos -f png                   [dim]# interrupted? run again: finished files are skipped[/]""")
+  teasr batch ./photos -f png                   [dim]# interrupted? run again: finished files are skipped[/]"""
+)
 @sampling_options
 def batch(
     folder: Path = typer.Argument(..., help="Folder of images."),
-    outdir: Path | None = typer.Option(None, "--output", "-o", help="Output folder (default: FOLDER_x4 beside "
-                                          "FOLDER)."),
-    recursive: bool = typer.Option(False, "--recursive", "-r", help="Include subfolders; the folder tree is kept in "
-                                   "the output."),
-    glob: str = typer.Option("*", "--glob", "-g", help="Only files matching this pattern, e.g. '*.jpg' (extensions "
-                             "match in any case)."),
-    steps: int = StepsOpt, scale: float | None = ScaleOpt,
-    suffix: str = typer.Option("", "--suffix", help="Added to each output's name (default: none; the output folder "
-                               "tells them apart)."),
-    format: ImageFormat | None = FormatOpt, quality: int = QualityOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo outputs that exist, also those made with "
-                                   "other settings."),
-    max_pixels: int | None = MaxPixelsOpt, *, opts: Sampling,
+    outdir: Path | None = typer.Option(
+        None, "--output", "-o", help="Output folder (default: FOLDER_x4 beside FOLDER)."
+    ),
+    recursive: bool = typer.Option(
+        False, "--recursive", "-r", help="Include subfolders; the folder tree is kept in the output."
+    ),
+    glob: str = typer.Option(
+        "*", "--glob", "-g", help="Only files matching this pattern, e.g. '*.jpg' (extensions match in any case)."
+    ),
+    steps: int = StepsOpt,
+    scale: float | None = ScaleOpt,
+    suffix: str = typer.Option(
+        "", "--suffix", help="Added to each output's name (default: none; the output folder tells them apart)."
+    ),
+    format: ImageFormat | None = FormatOpt,
+    quality: int = QualityOpt,
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo outputs that exist, also those made with other settings."
+    ),
+    max_pixels: int | None = MaxPixelsOpt,
+    *,
+    opts: Sampling,
 ):
     """Upscale every image in a folder x4; resumes where an interrupted run stopped.
 
@@ -326,6 +472,7 @@ def batch(
     rank, world, local_rank = work.dist_rank()
     if world > 1 and opts.device == "auto":
         import torch
+
         opts.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     settings = opts.settings(steps)
     record = work.batch_settings(settings, scale, opts.model, fmt, quality)
@@ -341,11 +488,13 @@ def batch(
         fail(f"cannot create output folder {outdir}: {e.strerror}")
     if plan.stale:
         src, dst, old = plan.stale[0]
-        warn(f"{len(plan.stale)} output(s) in {outdir} were made with other settings ({dst.name}: "
-             f"{work.differences(old, json.loads(json.dumps(record)))}) and are kept; --overwrite redoes them")
+        warn(
+            f"{len(plan.stale)} output(s) in {outdir} were made with other settings ({dst.name}: "
+            f"{work.differences(old, json.loads(json.dumps(record)))}) and are kept; --overwrite redoes them"
+        )
     failed: list[tuple[Path, str]] = []
     t0 = time.time()
-    if plan.todo:   # a fully resumed batch shows no empty bar
+    if plan.todo:  # a fully resumed batch shows no empty bar
         with _bar() as bar:
             files = bar.add_task("upscaling", total=len(plan.todo))
             for src, dst in plan.todo:
@@ -354,12 +503,13 @@ def batch(
                 on_read, on_tile = _tile_progress(bar, tiles, up, settings, name)
                 try:
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    work.upscale_file(up, src, dst, settings, scale, fmt, quality, max_pixels,
-                                      tile_callback=on_tile, on_read=on_read)
+                    work.upscale_file(
+                        up, src, dst, settings, scale, fmt, quality, max_pixels, tile_callback=on_tile, on_read=on_read
+                    )
                     work.record(outdir, dst, record)
                 except TeasrError as e:
                     failed.append((src, str(e)))
-                except Exception as e:   # one odd file must not stop a long batch; it is reported below
+                except Exception as e:  # one odd file must not stop a long batch; it is reported below
                     failed.append((src, f"{type(e).__name__}: {e}"))
                 bar.remove_task(tiles)
                 bar.advance(files)
@@ -388,30 +538,42 @@ def _export(run: Path, output: Path, half: bool, no_ema: bool, lora_rank: int | 
         fail(f"{output} exists; pass --overwrite to replace it, or choose another -o")
     try:
         with console.status("exporting..."):
-            folder = trainer.export_checkpoint(run, output, use_ema=not no_ema,
-                                               dtype=torch.float16 if half else None, lora_rank=lora_rank)
+            folder = trainer.export_checkpoint(
+                run, output, use_ema=not no_ema, dtype=torch.float16 if half else None, lora_rank=lora_rank
+            )
             write_model_card(folder, run, "fp16" if half else "fp32")
     except TeasrError as e:
         fail(str(e))
     weights = Path(folder) / "model.safetensors"
     size = f", {weights.stat().st_size / 1e6:.0f} MB" if weights.exists() else ""
-    say(f"exported {folder} ({'fp16' if half else 'fp32'} weights{size}"
-        + ("" if half else "; --half stores them in fp16, half the size, loaded back as fp32") + ")")
+    say(
+        f"exported {folder} ({'fp16' if half else 'fp32'} weights{size}"
+        + ("" if half else "; --half stores them in fp16, half the size, loaded back as fp32")
+        + ")"
+    )
 
 
 HalfOpt = typer.Option(False, "--half", help="Store the weights in fp16 (half the size; loaded as fp32).")
 NoEmaOpt = typer.Option(False, "--no-ema", help="The live weights instead of their EMA.")
-LoraRankOpt = typer.Option(None, "--lora-rank", min=1, help="Keep the N strongest components of each "
-                           "condition-branch LoRA (truncated SVD), for a smaller file.")
+LoraRankOpt = typer.Option(
+    None,
+    "--lora-rank",
+    min=1,
+    help="Keep the N strongest components of each condition-branch LoRA (truncated SVD), for a smaller file.",
+)
 
 
-@app.command(epilog="""[bold]Examples[/]\n
+@app.command(
+    epilog="""[bold]Examples[/]\n
   teasr export runs/sad -o my-model --half      [dim]# then: teasr upscale photo.jpg -m my-model[/]\n
-  teasr export runs/sad/ckpt-00002000 -o step2000""")
+  teasr export runs/sad/ckpt-00002000 -o step2000"""
+)
 def export(
     run: Path = typer.Argument(..., help="A training run folder (its latest checkpoint) or one ckpt-* folder."),
     output: Path = typer.Option(..., "--output", "-o", help="The model folder to write."),
-    half: bool = HalfOpt, no_ema: bool = NoEmaOpt, lora_rank: int | None = LoraRankOpt,
+    half: bool = HalfOpt,
+    no_ema: bool = NoEmaOpt,
+    lora_rank: int | None = LoraRankOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
 ):
     """Export a training run to a plain model folder for `teasr upscale -m`, with a model card (README.md) for the
@@ -419,12 +581,15 @@ def export(
     _export(run, output, half, no_ema, lora_rank, overwrite)
 
 
-@app.command(epilog="""[bold]Examples[/]\n
+@app.command(
+    epilog="""[bold]Examples[/]\n
   teasr export runs/sad -o my-model --half && teasr push my-model my-org/teasr-photo\n
-  HF_TOKEN=hf_... teasr push my-model my-org/teasr-photo --private""")
+  HF_TOKEN=hf_... teasr push my-model my-org/teasr-photo --private"""
+)
 def push(
-    folder: Path = typer.Argument(..., help="A model folder (from `teasr export`): config.json, "
-                                  "model.safetensors and its README.md card."),
+    folder: Path = typer.Argument(
+        ..., help="A model folder (from `teasr export`): config.json, model.safetensors and its README.md card."
+    ),
     repo: str = typer.Argument(..., help="Hub repo `org/name\\[@branch]`; created if it does not exist."),
     private: bool = typer.Option(False, "--private", help="Create the repo private."),
     message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
@@ -443,28 +608,35 @@ def push(
     say(f"pushed {folder} to {url}")
 
 
-@app.command(epilog="""[bold]Examples[/]\n
+@app.command(
+    epilog="""[bold]Examples[/]\n
   teasr train --data photos/ --out runs/prior --config train/tiny-cpu.toml --stage prior\n
   teasr train --data photos/ --out runs/sad --stage sad --init runs/prior/model --steps 2000\n
   teasr train --out runs/sad --resume                  [dim]# continue after a kill[/]\n
   accelerate launch -m teasr_cli train ...              [dim]# several GPUs / processes[/]\n
   accelerate launch --config_file train/accelerate/ddp-2gpu.yaml -m teasr_cli train \\\n
       -c train/qwen-image-a100.toml --data lsdir/ --out runs/qwen\n
-  teasr export runs/sad -o my-model                    [dim]# plain model folder for `teasr upscale -m`[/]""")
+  teasr export runs/sad -o my-model                    [dim]# plain model folder for `teasr upscale -m`[/]"""
+)
 def train(
-    data: str | None = typer.Option(None, "--data", help="HQ images: a folder (recursive), a .txt list, or a "
-                                       "Hub dataset id."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, samples/, "
-                                       "model/."),
+    data: str | None = typer.Option(
+        None, "--data", help="HQ images: a folder (recursive), a .txt list, or a Hub dataset id."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Run folder: checkpoints, metrics.jsonl, samples/, model/."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Recipe TOML (see train/)."),
-    stage: str | None = typer.Option(None, "--stage", help="prior (flow matching, all weights), sad (SAD + TAR, "
-                                        "LoRA) or regress (the one-pass MSE + LPIPS baseline)."),
-    backbone: str | None = typer.Option(None, "--backbone", help="native (default) or qwen-image (needs a GPU; "
-                                           "stage sad)."),
-    base: str | None = typer.Option(None, "--base", help="qwen-image base: Hub repo org/name\\[@revision] (or "
-                                       "'tiny' for a smoke run)."),
-    init: str | None = typer.Option(None, "--init", help="Model folder to start from (the prior, for --stage "
-                                       "sad)."),
+    stage: str | None = typer.Option(
+        None,
+        "--stage",
+        help="prior (flow matching, all weights), sad (SAD + TAR, "
+        "LoRA) or regress (the one-pass MSE + LPIPS baseline).",
+    ),
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="native (default) or qwen-image (needs a GPU; stage sad)."
+    ),
+    base: str | None = typer.Option(
+        None, "--base", help="qwen-image base: Hub repo org/name\\[@revision] (or 'tiny' for a smoke run)."
+    ),
+    init: str | None = typer.Option(None, "--init", help="Model folder to start from (the prior, for --stage sad)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     grad_accum: int | None = typer.Option(None, "--grad-accum", min=1),
@@ -472,26 +644,42 @@ def train(
     crop: int | None = typer.Option(None, "--crop", help="HQ crop size in pixels."),
     seed: int | None = typer.Option(None, "--seed"),
     mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no, bf16 or fp16 (GPU)."),
-    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/"
-                                                          "--no-gradient-checkpointing"),
+    gradient_checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     threads: int | None = ThreadsOpt,
-    max_minutes: float | None = typer.Option(None, "--max-minutes", min=0, help="Stop (checkpoint + export) "
-                                                "after this much wall time."),
-    max_cpu_minutes: float | None = typer.Option(None, "--max-cpu-minutes", min=0, help="Stop (checkpoint + "
-                                                    "export) after this much process CPU time, summed over resumes."),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", min=0, help="Stop (checkpoint + export) after this much wall time."
+    ),
+    max_cpu_minutes: float | None = typer.Option(
+        None,
+        "--max-cpu-minutes",
+        min=0,
+        help="Stop (checkpoint + export) after this much process CPU time, summed over resumes.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
-    export: Path | None = typer.Option(None, "--export", help="Deprecated alias of `teasr export RUN -o DIR` "
-                                          "(removed in the next release).", rich_help_panel="Export (deprecated)"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Where --export writes the model folder.",
-                                          rich_help_panel="Export (deprecated)"),
-    half: bool = typer.Option(False, "--half", help="With --export: see `teasr export`.",
-                              rich_help_panel="Export (deprecated)"),
-    no_ema: bool = typer.Option(False, "--no-ema", help="With --export: see `teasr export`.",
-                                rich_help_panel="Export (deprecated)"),
-    lora_rank: int | None = typer.Option(None, "--lora-rank", min=1, help="With --export: see `teasr export`.",
-                                            rich_help_panel="Export (deprecated)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="With --export: replace an existing model folder.",
-                                   rich_help_panel="Export (deprecated)"),
+    export: Path | None = typer.Option(
+        None,
+        "--export",
+        help="Deprecated alias of `teasr export RUN -o DIR` (removed in the next release).",
+        rich_help_panel="Export (deprecated)",
+    ),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Where --export writes the model folder.", rich_help_panel="Export (deprecated)"
+    ),
+    half: bool = typer.Option(
+        False, "--half", help="With --export: see `teasr export`.", rich_help_panel="Export (deprecated)"
+    ),
+    no_ema: bool = typer.Option(
+        False, "--no-ema", help="With --export: see `teasr export`.", rich_help_panel="Export (deprecated)"
+    ),
+    lora_rank: int | None = typer.Option(
+        None, "--lora-rank", min=1, help="With --export: see `teasr export`.", rich_help_panel="Export (deprecated)"
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="With --export: replace an existing model folder.",
+        rich_help_panel="Export (deprecated)",
+    ),
 ):
     """Train with Self-Adversarial Distillation (stage sad) or train the generative prior (stage prior)."""
     from teasr_cli import trainer
@@ -511,17 +699,30 @@ def train(
         else:
             if data is None and not resume:
                 fail("--data is required (a folder of HQ images, a .txt list or a Hub dataset id)")
-            cfg = trainer.TrainConfig.load(str(config) if config else None, data=data, out=str(out), stage=stage,
-                                           init=init, backbone=backbone, base=base, steps=steps,
-                                           batch_size=batch_size, grad_accum=grad_accum, lr=lr, crop=crop, seed=seed,
-                                           mixed_precision=mixed_precision, threads=threads,
-                                           gradient_checkpointing=gradient_checkpointing)
+            cfg = trainer.TrainConfig.load(
+                str(config) if config else None,
+                data=data,
+                out=str(out),
+                stage=stage,
+                init=init,
+                backbone=backbone,
+                base=base,
+                steps=steps,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                lr=lr,
+                crop=crop,
+                seed=seed,
+                mixed_precision=mixed_precision,
+                threads=threads,
+                gradient_checkpointing=gradient_checkpointing,
+            )
         if steps is not None:
             cfg.steps = steps
         for k, v in (("max_minutes", max_minutes), ("max_cpu_minutes", max_cpu_minutes)):
-            if v is not None:   # also on --resume: a new session brings a new budget
+            if v is not None:  # also on --resume: a new session brings a new budget
                 setattr(cfg, k, v)
-        list_images(cfg.data)   # a bad --data fails here, before any progress bar
+        list_images(cfg.data)  # a bad --data fails here, before any progress bar
     except TeasrError as e:
         fail(str(e))
     stop = {"now": False}
@@ -539,8 +740,9 @@ def train(
 
         def on_log(rec):
             if "step" in rec and "loss" in rec:
-                terms = " ".join(f"{k} {rec[k]:.4f}" for k in ("loss", "flow", "cons", "data", "adv", "rect")
-                                 if k in rec)
+                terms = " ".join(
+                    f"{k} {rec[k]:.4f}" for k in ("loss", "flow", "cons", "data", "adv", "rect") if k in rec
+                )
                 bar.update(task, completed=rec["step"], info=f"{terms} | {rec['it_s']:.2f} it/s")
             elif rec.get("event") == "export":
                 bar.update(task, completed=rec["step"])
@@ -555,7 +757,7 @@ def train(
     say(f"done: model in {folder} (log: {out / 'metrics.jsonl'})")
 
 
-METRIC_FORMATS = {"psnr": "{:.2f}", "ssim": "{:.4f}", "niqe": "{:.3f}", "fid": "{:.2f}"}   # as papers print them
+METRIC_FORMATS = {"psnr": "{:.2f}", "ssim": "{:.4f}", "niqe": "{:.3f}", "fid": "{:.2f}"}  # as papers print them
 
 
 def _eval_table(res, title: str) -> Table:
@@ -575,33 +777,52 @@ def _eval_table(res, title: str) -> Table:
     return table
 
 
-@app.command("eval", epilog="""[bold]Examples[/]\n
+@app.command(
+    "eval",
+    epilog="""[bold]Examples[/]\n
   teasr eval --dataset realsr --steps 1,2,4,8        [dim]# StableSR test set, downloaded once[/]\n
   teasr eval --lq my_lr/ --hq my_hr/ --steps 1,4     [dim]# any folder pair, names matched[/]\n
   teasr eval --hq photos/ --degrade realesrgan --limit 20 --metrics psnr,lpips\n
-  [dim]killed? run the same command again: finished images are not recomputed[/]""")
+  [dim]killed? run the same command again: finished images are not recomputed[/]""",
+)
 @sampling_options
 def eval_(
-    dataset: str | None = typer.Option(None, "--dataset", "-d", help="realsr, drealsr or div2k-val: the StableSR "
-                                          "test sets, downloaded from the Hugging Face Hub on first use."),
+    dataset: str | None = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        help="realsr, drealsr or div2k-val: the StableSR test sets, downloaded from the Hugging Face Hub on first use.",
+    ),
     lq: Path | None = typer.Option(None, "--lq", help="Folder of LQ images, paired by name with --hq."),
     hq: Path | None = typer.Option(None, "--hq", help="Folder of HQ (ground-truth) images, 4x the LQ."),
-    degrade: str | None = typer.Option(None, "--degrade", help="Make each LQ from its --hq image: bicubic, mild "
-                                          "or realesrgan."),
-    degrade_seed: int = typer.Option(0, "--degrade-seed", help="Seed of the --degrade draws (per image: seed and "
-                                     "index)."),
+    degrade: str | None = typer.Option(
+        None, "--degrade", help="Make each LQ from its --hq image: bicubic, mild or realesrgan."
+    ),
+    degrade_seed: int = typer.Option(
+        0, "--degrade-seed", help="Seed of the --degrade draws (per image: seed and index)."
+    ),
     steps: str = typer.Option("1,2,4,8", "--steps", "-n", help="Step counts to evaluate, comma-separated."),
-    baseline: str = typer.Option("bicubic,lanczos", "--baseline", help="Baseline rows, comma-separated: bicubic, "
-                                 "lanczos, realesrgan (Real-ESRGAN x4plus, optional package) or none."),
-    metrics: str | None = typer.Option(None, "--metrics", help="Metrics, comma-separated: psnr, ssim, lpips, "
-                                          "lpips-vgg, dists, niqe, fid. Default: psnr, ssim, lpips, dists, niqe, and "
-                                          "fid from 300 images on (FID needs many images to mean anything)."),
-    crop_border: int = typer.Option(0, "--crop-border", min=0, help="Pixels cropped from each border for PSNR/SSIM "
-                                    "(0 as pyiqa; BasicSR uses 4)."),
+    baseline: str = typer.Option(
+        "bicubic,lanczos",
+        "--baseline",
+        help="Baseline rows, comma-separated: bicubic, "
+        "lanczos, realesrgan (Real-ESRGAN x4plus, optional package) or none.",
+    ),
+    metrics: str | None = typer.Option(
+        None,
+        "--metrics",
+        help="Metrics, comma-separated: psnr, ssim, lpips, "
+        "lpips-vgg, dists, niqe, fid. Default: psnr, ssim, lpips, dists, niqe, and "
+        "fid from 300 images on (FID needs many images to mean anything).",
+    ),
+    crop_border: int = typer.Option(
+        0, "--crop-border", min=0, help="Pixels cropped from each border for PSNR/SSIM (0 as pyiqa; BasicSR uses 4)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Results folder (default eval_results/<dataset>)."),
     save_images: bool = typer.Option(False, "--save-images", help="Also save every SR image under OUT/images/."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N images (quick checks)."),
-    *, opts: Sampling,
+    *,
+    opts: Sampling,
 ):
     """Benchmark the model against ground truth: PSNR, SSIM, LPIPS, DISTS, NIQE, FID per step count."""
     from teasr_cli import benchsets
@@ -615,23 +836,48 @@ def eval_(
             raise ev.EvalError("--metrics none leaves nothing to measure; name at least one metric")
         pairs, label, data = benchsets.resolve_pairs(dataset, lq, hq, degrade, degrade_seed)
         pairs = pairs[:limit] if limit else pairs
-        metric_list = metric_list or ev.default_metrics(len(pairs))   # FID from FID_MIN_IMAGES on
-        benchsets.check_sizes(pairs)   # a wrong-size pair fails now, not after an hour of sampling
+        metric_list = metric_list or ev.default_metrics(len(pairs))  # FID from FID_MIN_IMAGES on
+        benchsets.check_sizes(pairs)  # a wrong-size pair fails now, not after an hour of sampling
         up = opts.load()
-        baseline_methods = [ev.baseline(b) for b in baselines]   # an uninstalled optional baseline fails here
+        baseline_methods = [ev.baseline(b) for b in baselines]  # an uninstalled optional baseline fails here
     except TeasrError as e:
         fail(str(e))
     out = out or Path("eval_results") / label
-    settings = {"seed": opts.seed, "tile": opts.tile, "tile_overlap": opts.tile_overlap, "color_fix": opts.color_fix,
-                "grid_shift": opts.grid_shift, "anchor": opts.anchor, "fidelity": opts.fidelity}
-    dtype = up.dtype_name   # what "auto" chose here
-    methods = [ev.Method(f"teasr {s} step{'s' if s > 1 else ''}", _teasr_fn(up, opts.settings(s)), s,
-                         {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type})
-               for s in step_list] + baseline_methods
-    config = {"dataset": label, "data": data, "model": str(opts.model or "default"), "model_folder": str(up.folder),
-              "steps": step_list, "seed": opts.seed, "degrade": degrade,
-              "degrade_seed": degrade_seed if degrade else None, "baselines": baselines, "color_fix": opts.color_fix,
-              "anchor": opts.anchor, "fidelity": opts.fidelity, "dtype": dtype, "device": up.device.type}
+    settings = {
+        "seed": opts.seed,
+        "tile": opts.tile,
+        "tile_overlap": opts.tile_overlap,
+        "color_fix": opts.color_fix,
+        "grid_shift": opts.grid_shift,
+        "anchor": opts.anchor,
+        "fidelity": opts.fidelity,
+    }
+    dtype = up.dtype_name  # what "auto" chose here
+    methods = [
+        ev.Method(
+            f"teasr {s} step{'s' if s > 1 else ''}",
+            _teasr_fn(up, opts.settings(s)),
+            s,
+            {**settings, "steps": s, **_model_id(up), "dtype": dtype, "device": up.device.type},
+        )
+        for s in step_list
+    ] + baseline_methods
+    config = {
+        "dataset": label,
+        "data": data,
+        "model": str(opts.model or "default"),
+        "model_folder": str(up.folder),
+        "steps": step_list,
+        "seed": opts.seed,
+        "degrade": degrade,
+        "degrade_seed": degrade_seed if degrade else None,
+        "baselines": baselines,
+        "color_fix": opts.color_fix,
+        "anchor": opts.anchor,
+        "fidelity": opts.fidelity,
+        "dtype": dtype,
+        "device": up.device.type,
+    }
     with _bar() as bar:
         task = bar.add_task("evaluating", total=len(pairs))
 
@@ -639,10 +885,11 @@ def eval_(
             bar.update(task, completed=done, description=f"{what[:36]:36}")
 
         try:
-            res = ev.evaluate(pairs, methods, metric_list, out, save_images, on_progress, config, crop_border,
-                              device=up.device)
+            res = ev.evaluate(
+                pairs, methods, metric_list, out, save_images, on_progress, config, crop_border, device=up.device
+            )
         except TeasrError as e:
-            bar.remove_task(task)   # so the error below is the last and only line left
+            bar.remove_task(task)  # so the error below is the last and only line left
             error = f"{e} (finished images are kept in {out / ev.PER_IMAGE}; run again to resume)"
         else:
             error = None
@@ -652,8 +899,10 @@ def eval_(
     for k, why in res.unavailable.items():
         console.print(f"[yellow]{k}:[/] n/a, {why}", highlight=False, soft_wrap=True)
     resumed = len(pairs) * len(methods) - res.computed
-    say(f"wrote {out / 'results.json'}, results.csv and metrics_vs_steps.png"
-        + (f" ({resumed} of {len(pairs) * len(methods)} results resumed)" if resumed else ""))
+    say(
+        f"wrote {out / 'results.json'}, results.csv and metrics_vs_steps.png"
+        + (f" ({resumed} of {len(pairs) * len(methods)} results resumed)" if resumed else "")
+    )
 
 
 def _teasr_fn(up, settings):
@@ -678,28 +927,40 @@ def models():
     Console().print(table)
 
 
-@app.command(epilog="""[bold]Examples[/]\n
+@app.command(
+    epilog="""[bold]Examples[/]\n
   teasr serve                                   [dim]# then open http://127.0.0.1:7860/[/]\n
-  teasr serve --port 8000 --device cuda""")
+  teasr serve --port 8000 --device cuda"""
+)
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback is reachable "
-                             "by others (no authentication)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on; anything but loopback is reachable by others (no authentication).",
+    ),
     port: int = typer.Option(7860, "--port", "-p", min=0, max=65535, help="Port (0: any free port)."),
-    model: str | None = ModelOpt, device: str = DeviceOpt, dtype: DType = DtypeOpt,
+    model: str | None = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: DType = DtypeOpt,
     threads: int | None = ThreadsOpt,
-    max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Refuse uploads with more pixels than "
-                                   "this."),
+    max_pixels: int = typer.Option(
+        100_000_000, "--max-pixels", min=1, help="Refuse uploads with more pixels than this."
+    ),
 ):
     """Start the local web app: upscale photos, compare before/after, download."""
     try:
         from teasr_cli import serve as webapp
     except ImportError as e:
-        fail(f"teasr serve needs the web extra ({(e.name or str(e)).split('.')[0]} is missing): "
-             "pip install 'teasr\\[serve]'")
+        fail(
+            f"teasr serve needs the web extra ({(e.name or str(e)).split('.')[0]} is missing): "
+            "pip install 'teasr\\[serve]'"
+        )
     try:
-        webapp.run(webapp.ServeConfig(host, port, model, device, _value(dtype), threads, max_pixels),
-                   say=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
-                   warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True))
+        webapp.run(
+            webapp.ServeConfig(host, port, model, device, _value(dtype), threads, max_pixels),
+            say=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
+            warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True),
+        )
     except TeasrError as e:
         fail(str(e))
 
@@ -709,7 +970,7 @@ def main():
     signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except (Interrupted, KeyboardInterrupt):   # outputs are written atomically: nothing is left behind
+    except (Interrupted, KeyboardInterrupt):  # outputs are written atomically: nothing is left behind
         say("interrupted")
         sys.exit(130)
 

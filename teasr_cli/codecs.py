@@ -1,4 +1,5 @@
 """Latent codecs E/D (DESIGN.md section 3): `encode(x) -> z`, `decode(z) -> x`, images in [-1, 1]."""
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,7 @@ class PixelUnshuffleCodec(nn.Module):
         super().__init__()
         self.factor, self.scale = factor, scale
         self.latent_channels = channels * factor * factor
-        self.downsample = factor   # image pixels per latent pixel
+        self.downsample = factor  # image pixels per latent pixel
 
     def encode(self, x):
         return F.pixel_unshuffle(x, self.factor) * self.scale
@@ -39,7 +40,7 @@ class DiffusersAutoencoder(nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        self.video = type(vae).__name__ == "AutoencoderKLQwenImage"        # 5-D (B, C, T, H, W) latents
+        self.video = type(vae).__name__ == "AutoencoderKLQwenImage"  # 5-D (B, C, T, H, W) latents
         self.latent_channels = cfg.get("z_dim", None) or cfg.latent_channels
         mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
         if mean is not None and std is not None:
@@ -51,7 +52,7 @@ class DiffusersAutoencoder(nn.Module):
             self.register_buffer("inv_std", torch.tensor(cfg.get("scaling_factor") or 1.0), persistent=False)
         self.downsample = 2 ** (len(cfg.get("block_out_channels", None) or cfg.get("dim_mult", [1, 2, 4, 4])) - 1)
         if tiled and hasattr(vae, "enable_tiling"):
-            vae.enable_tiling()   # bounded memory on large images; diffusers blends its tiles
+            vae.enable_tiling()  # bounded memory on large images; diffusers blends its tiles
 
     def encode(self, x):
         x = x.to(self.vae.dtype)

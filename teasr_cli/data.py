@@ -1,5 +1,6 @@
 """Training images: a folder (recursive), a text file list, or a Hugging Face dataset id; HQ crops + online
 degradation."""
+
 from __future__ import annotations
 
 import re
@@ -27,9 +28,10 @@ def list_images(source: str) -> list[Path]:
     elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", source) and not p.exists():
         repo, _, rev = source.partition("@")
         try:
-            root = snapshot_download(repo, repo_type="dataset", revision=rev or None,
-                                     allow_patterns=[f"*{s}" for s in IMAGE_SUFFIXES])
-        except Exception as e:   # hub errors carry long multi-line texts; one line is enough here
+            root = snapshot_download(
+                repo, repo_type="dataset", revision=rev or None, allow_patterns=[f"*{s}" for s in IMAGE_SUFFIXES]
+            )
+        except Exception as e:  # hub errors carry long multi-line texts; one line is enough here
             why = str(e).splitlines()[0]
             raise TeasrError(f"cannot get dataset {source!r} from the Hugging Face Hub: {why}") from None
         return list_images(root)
@@ -64,7 +66,7 @@ class HQImages:
             return None
         try:
             img = read_rgb8(self.files[i])
-        except Exception:   # a bad file in a 90k-image set must not end a long run
+        except Exception:  # a bad file in a 90k-image set must not end a long run
             img = None
         if img is not None and min(img.shape[1:]) < self.crop:
             if self.small == "pad":
@@ -87,7 +89,7 @@ class HQImages:
         for k in range(len(self.files)):
             img = self.load((index + k) % len(self.files))
             if img is not None:
-                return random_crop_flip(img, self.crop, generator).float() / 255   # crop first: whole photos are big
+                return random_crop_flip(img, self.crop, generator).float() / 255  # crop first: whole photos are big
         raise TeasrError("no usable training images (all unreadable or smaller than the crop)")
 
 

@@ -10,6 +10,7 @@ image by image. JPEG goes through a real encoder (Pillow), like the artefacts
 of real photos, instead of a differentiable approximation. (Real-ESRGAN also
 unsharp-masks the HQ *target*; that is a training-target choice, not done here.)
 """
+
 from __future__ import annotations
 
 import io
@@ -33,23 +34,25 @@ class DegradeConfigError(TeasrError):
 
 # ----------------------------------------------------------------------------- config
 
+
 @dataclass(frozen=True)
 class StageConfig:
     """One degradation order. Probabilities and [lo, hi] ranges as in Real-ESRGAN."""
-    blur_prob: float = 1.0                      # stage 2 skips its blur 20% of the time
+
+    blur_prob: float = 1.0  # stage 2 skips its blur 20% of the time
     kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # order of KERNEL_TYPES
-    sinc_prob: float = 0.1                      # replaces the blur kernel by a sinc (ringing)
+    sinc_prob: float = 0.1  # replaces the blur kernel by a sinc (ringing)
     blur_sigma: tuple[float, float] = (0.2, 3.0)
-    betag_range: tuple[float, float] = (0.5, 4.0)   # generalized Gaussian shape
-    betap_range: tuple[float, float] = (1.0, 2.0)   # plateau shape
+    betag_range: tuple[float, float] = (0.5, 4.0)  # generalized Gaussian shape
+    betap_range: tuple[float, float] = (1.0, 2.0)  # plateau shape
     resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
     resize_range: tuple[float, float] = (0.15, 1.5)
-    noise_prob: float = 1.0                     # Real-ESRGAN always adds noise; 0 turns it off
-    gaussian_noise_prob: float = 0.5            # else Poisson
-    noise_range: tuple[float, float] = (1.0, 30.0)   # Gaussian sigma in 8-bit levels
+    noise_prob: float = 1.0  # Real-ESRGAN always adds noise; 0 turns it off
+    gaussian_noise_prob: float = 0.5  # else Poisson
+    noise_range: tuple[float, float] = (1.0, 30.0)  # Gaussian sigma in 8-bit levels
     poisson_scale_range: tuple[float, float] = (0.05, 3.0)
     gray_noise_prob: float = 0.4
-    jpeg_range: tuple[float, float] = (30.0, 95.0)   # stage 2's is used by the final step
+    jpeg_range: tuple[float, float] = (30.0, 95.0)  # stage 2's is used by the final step
 
     def __post_init__(self):
         for name in ("kernel_probs", "resize_probs"):
@@ -58,10 +61,18 @@ class StageConfig:
             if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
                 raise DegradeConfigError(f"degradation {name} {p} must be non-negative and sum to 1")
         if len(self.kernel_probs) != len(KERNEL_TYPES) or len(self.resize_probs) != 3:
-            raise DegradeConfigError(f"degradation kernel_probs needs {len(KERNEL_TYPES)} values and "
-                                     "resize_probs 3 (up, down, keep)")
-        for name in ("blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range",
-                     "poisson_scale_range", "jpeg_range"):
+            raise DegradeConfigError(
+                f"degradation kernel_probs needs {len(KERNEL_TYPES)} values and resize_probs 3 (up, down, keep)"
+            )
+        for name in (
+            "blur_sigma",
+            "betag_range",
+            "betap_range",
+            "resize_range",
+            "noise_range",
+            "poisson_scale_range",
+            "jpeg_range",
+        ):
             lo, hi = (float(x) for x in getattr(self, name))
             object.__setattr__(self, name, (lo, hi))
             if not 0 <= lo <= hi:
@@ -70,23 +81,30 @@ class StageConfig:
             raise DegradeConfigError(f"degradation jpeg_range {self.jpeg_range} must lie in [1, 100]")
 
 
-_STAGE2 = StageConfig(blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3),
-                      resize_range=(0.3, 1.2), noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5))
+_STAGE2 = StageConfig(
+    blur_prob=0.8,
+    blur_sigma=(0.2, 1.5),
+    resize_probs=(0.3, 0.4, 0.3),
+    resize_range=(0.3, 1.2),
+    noise_range=(1.0, 25.0),
+    poisson_scale_range=(0.05, 2.5),
+)
 
 
 @dataclass(frozen=True)
 class DegradeConfig:
     """Real-ESRGAN x4plus degradation (the defaults are DESIGN section 7)."""
+
     scale: int = 4
-    kernel_size: int = 21                       # kernels are drawn with odd sizes 7..kernel_size
-    rotation_range: tuple[float, float] = (-math.pi, math.pi)   # anisotropic kernels
+    kernel_size: int = 21  # kernels are drawn with odd sizes 7..kernel_size
+    rotation_range: tuple[float, float] = (-math.pi, math.pi)  # anisotropic kernels
     sinc_omega_small: tuple[float, float] = (math.pi / 3, math.pi)  # stage sinc, size < 13
     sinc_omega_large: tuple[float, float] = (math.pi / 5, math.pi)  # stage sinc, size >= 13
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = _STAGE2
     final_sinc_prob: float = 0.8
     final_sinc_omega: tuple[float, float] = (math.pi / 3, math.pi)
-    final_jpeg_first_prob: float = 0.5          # JPEG before (else after) the final resize + sinc
+    final_jpeg_first_prob: float = 0.5  # JPEG before (else after) the final resize + sinc
     resize_modes: tuple[str, ...] = RESIZE_MODES
 
     def __post_init__(self):
@@ -96,11 +114,14 @@ class DegradeConfig:
                 object.__setattr__(self, name, StageConfig(**getattr(self, name)))
         object.__setattr__(self, "resize_modes", tuple(self.resize_modes))
         if self.scale < 1 or self.kernel_size < 7 or self.kernel_size % 2 == 0:
-            raise DegradeConfigError(f"degradation needs scale >= 1 and an odd kernel_size >= 7 "
-                                     f"(got scale={self.scale}, kernel_size={self.kernel_size})")
+            raise DegradeConfigError(
+                f"degradation needs scale >= 1 and an odd kernel_size >= 7 "
+                f"(got scale={self.scale}, kernel_size={self.kernel_size})"
+            )
         if not self.resize_modes or any(m not in RESIZE_MODES for m in self.resize_modes):
-            raise DegradeConfigError(f"degradation resize_modes {self.resize_modes} must be a non-empty "
-                                     f"subset of {', '.join(RESIZE_MODES)}")
+            raise DegradeConfigError(
+                f"degradation resize_modes {self.resize_modes} must be a non-empty subset of {', '.join(RESIZE_MODES)}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,14 +131,29 @@ class DegradeConfig:
 # training: the same pipeline with half the blur, a narrower down-scaling range,
 # about half the noise, light JPEG only ([70, 95]) and fewer sinc/ringing kernels.
 _MILD = DegradeConfig(
-    stage1=StageConfig(sinc_prob=0.05, blur_sigma=(0.2, 1.5), resize_range=(0.5, 1.5),
-                       noise_range=(1.0, 15.0), poisson_scale_range=(0.05, 1.5), jpeg_range=(70.0, 95.0)),
-    stage2=replace(_STAGE2, blur_prob=0.5, sinc_prob=0.05, blur_sigma=(0.2, 1.0), resize_range=(0.6, 1.2),
-                   noise_range=(1.0, 10.0), poisson_scale_range=(0.05, 1.0), jpeg_range=(70.0, 95.0)),
-    final_sinc_prob=0.5)
+    stage1=StageConfig(
+        sinc_prob=0.05,
+        blur_sigma=(0.2, 1.5),
+        resize_range=(0.5, 1.5),
+        noise_range=(1.0, 15.0),
+        poisson_scale_range=(0.05, 1.5),
+        jpeg_range=(70.0, 95.0),
+    ),
+    stage2=replace(
+        _STAGE2,
+        blur_prob=0.5,
+        sinc_prob=0.05,
+        blur_sigma=(0.2, 1.0),
+        resize_range=(0.6, 1.2),
+        noise_range=(1.0, 10.0),
+        poisson_scale_range=(0.05, 1.0),
+        jpeg_range=(70.0, 95.0),
+    ),
+    final_sinc_prob=0.5,
+)
 
 PRESETS: dict[str, DegradeConfig] = {"realesrgan": DegradeConfig(), "mild": _MILD}
-LR_KINDS = (*PRESETS, "bicubic")   # how an LR image can be made: a preset, or plain bicubic downscaling
+LR_KINDS = (*PRESETS, "bicubic")  # how an LR image can be made: a preset, or plain bicubic downscaling
 
 
 def get_preset(name: str) -> DegradeConfig:
@@ -127,6 +163,7 @@ def get_preset(name: str) -> DegradeConfig:
 
 
 # ----------------------------------------------------------------------------- random draws
+
 
 def _rand(g: torch.Generator) -> float:
     return torch.rand(1, generator=g, device=g.device).item()
@@ -153,13 +190,15 @@ def _odd_size(g: torch.Generator, max_size: int) -> int:
 
 # ----------------------------------------------------------------------------- kernels
 
+
 def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     return torch.meshgrid(r, r, indexing="xy")  # x varies along columns, y along rows
 
 
-def blur_kernel(kind: str, size: int, sigma_x: float, sigma_y: float | None = None,
-                theta: float = 0.0, beta: float = 1.0) -> torch.Tensor:
+def blur_kernel(
+    kind: str, size: int, sigma_x: float, sigma_y: float | None = None, theta: float = 0.0, beta: float = 1.0
+) -> torch.Tensor:
     """(size, size) float64 kernel summing to 1 for one of KERNEL_TYPES.
 
     With Q = c^T S^-1 c (S = R diag(sx^2, sy^2) R^T, R rotation by theta):
@@ -173,10 +212,10 @@ def blur_kernel(kind: str, size: int, sigma_x: float, sigma_y: float | None = No
     sigma_y = sigma_x if sigma_y is None else sigma_y
     x, y = _grid(size)
     c, s = math.cos(theta), math.sin(theta)
-    u, v = c * x + s * y, -s * x + c * y          # coordinates in the kernel's principal axes
+    u, v = c * x + s * y, -s * x + c * y  # coordinates in the kernel's principal axes
     q = (u / sigma_x) ** 2 + (v / sigma_y) ** 2
     if kind.startswith("plateau"):
-        k = 1.0 / (q ** beta + 1.0)
+        k = 1.0 / (q**beta + 1.0)
     else:
         k = torch.exp(-0.5 * q ** (beta if kind.startswith("generalized") else 1.0))
     return k / k.sum()
@@ -189,10 +228,9 @@ def sinc_kernel(omega_c: float, size: int, pad_to: int = 0) -> torch.Tensor:
     which is how Real-ESRGAN imitates over-sharpened / ringing real photos.
     """
     x, y = _grid(size)
-    r = torch.sqrt(x ** 2 + y ** 2)
-    centre = torch.full_like(r, omega_c ** 2 / (4 * math.pi))   # the r -> 0 limit
-    k = torch.where(r > 0, omega_c * torch.special.bessel_j1(omega_c * r) / (2 * math.pi * r.clamp_min(1e-12)),
-                    centre)
+    r = torch.sqrt(x**2 + y**2)
+    centre = torch.full_like(r, omega_c**2 / (4 * math.pi))  # the r -> 0 limit
+    k = torch.where(r > 0, omega_c * torch.special.bessel_j1(omega_c * r) / (2 * math.pi * r.clamp_min(1e-12)), centre)
     k = k / k.sum()
     return _pad_kernel(k, pad_to) if pad_to > size else k
 
@@ -223,6 +261,7 @@ def random_kernel(st: StageConfig, cfg: DegradeConfig, g: torch.Generator) -> to
 
 # ----------------------------------------------------------------------------- operations
 
+
 def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Filter each image (B, C, H, W) with its own (B, k, k) kernel in one grouped conv2d."""
     b, c, h, w = img.shape
@@ -231,7 +270,7 @@ def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     # Reflect padding needs the image larger than the pad; tiny intermediate images
     # (a 0.15x down-scale of a small crop) fall back to edge replication.
     x = F.pad(img, (p, p, p, p), mode="reflect" if p < min(h, w) else "replicate")
-    weight = kernels.to(img).repeat_interleave(c, dim=0).unsqueeze(1)   # (B*C, 1, k, k)
+    weight = kernels.to(img).repeat_interleave(c, dim=0).unsqueeze(1)  # (B*C, 1, k, k)
     return F.conv2d(x.reshape(1, b * c, h + 2 * p, w + 2 * p), weight, groups=b * c).view(b, c, h, w)
 
 
@@ -289,7 +328,7 @@ def _random_mode(cfg: DegradeConfig, g: torch.Generator) -> str:
 
 def _random_scale(st: StageConfig, g: torch.Generator) -> float:
     lo, hi = st.resize_range
-    kind = _choice(g, st.resize_probs)   # 0 up, 1 down, 2 keep
+    kind = _choice(g, st.resize_probs)  # 0 up, 1 down, 2 keep
     if kind == 2:
         return 1.0
     return _uniform(g, (1.0, max(1.0, hi)) if kind == 0 else (min(lo, 1.0), 1.0))
@@ -300,6 +339,7 @@ def _jpeg_quality(st: StageConfig, g: torch.Generator) -> int:
 
 
 # ----------------------------------------------------------------------------- pipeline
+
 
 def _degrade_one(x: torch.Tensor, lq_hw: tuple[int, int], cfg: DegradeConfig, g: torch.Generator) -> torch.Tensor:
     """Everything after the first blur, for one (1, 3, h, w) image."""
@@ -325,7 +365,7 @@ def _degrade_one(x: torch.Tensor, lq_hw: tuple[int, int], cfg: DegradeConfig, g:
     x = filter2d(x, sinc) if sinc is not None else x
     if not jpeg_first:
         x = jpeg(x, q)
-    return (x.clamp(0, 1) * 255).round() / 255   # LQ images are 8-bit, like real inputs
+    return (x.clamp(0, 1) * 255).round() / 255  # LQ images are 8-bit, like real inputs
 
 
 def degrade(hq: torch.Tensor, cfg: DegradeConfig, generator: torch.Generator) -> torch.Tensor:
@@ -334,24 +374,29 @@ def degrade(hq: torch.Tensor, cfg: DegradeConfig, generator: torch.Generator) ->
         raise DegradeConfigError(f"degrade expects a (B, 3, H, W) batch, got shape {tuple(hq.shape)}")
     h, w = hq.shape[-2:]
     if h % cfg.scale or w % cfg.scale:
-        raise DegradeConfigError(f"HQ crop {h}x{w} is not divisible by the scale {cfg.scale}; "
-                                 f"use a crop size that is a multiple of {cfg.scale}")
+        raise DegradeConfigError(
+            f"HQ crop {h}x{w} is not divisible by the scale {cfg.scale}; "
+            f"use a crop size that is a multiple of {cfg.scale}"
+        )
     hq = hq.float()
     # Stage 1 blur is always applied (blur_prob 1 by default) and all images still share
     # their size here: one grouped conv over the batch.
-    kernels = [random_kernel(cfg.stage1, cfg, g=generator) if _rand(generator) < cfg.stage1.blur_prob else None
-               for _ in range(hq.shape[0])]
+    kernels = [
+        random_kernel(cfg.stage1, cfg, g=generator) if _rand(generator) < cfg.stage1.blur_prob else None
+        for _ in range(hq.shape[0])
+    ]
     delta = _pad_kernel(torch.ones(1, 1, dtype=torch.float64), cfg.kernel_size)
     x = filter2d(hq, torch.stack([delta if k is None else k for k in kernels]))
     lq_hw = (h // cfg.scale, w // cfg.scale)
-    return torch.cat([_degrade_one(x[i:i + 1], lq_hw, cfg, generator) for i in range(x.shape[0])])
+    return torch.cat([_degrade_one(x[i : i + 1], lq_hw, cfg, generator) for i in range(x.shape[0])])
 
 
 def downscale(x: torch.Tensor, scale: int = 4) -> torch.Tensor:
     """Antialiased bicubic downscale of (B, C, H, W): clean LR, and the model of it that the sampler's
     consistency projections invert."""
-    return F.interpolate(x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic",
-                         align_corners=False, antialias=True)
+    return F.interpolate(
+        x, size=(x.shape[-2] // scale, x.shape[-1] // scale), mode="bicubic", align_corners=False, antialias=True
+    )
 
 
 def bicubic_lq(hq: torch.Tensor, scale: int = 4) -> torch.Tensor:
@@ -371,8 +416,7 @@ def make_lq(hq: torch.Tensor, kind: str, generator: torch.Generator, scale: int 
     return degrade(hq, cfg, generator)
 
 
-def random_crop_flip(img: torch.Tensor, size: int, generator: torch.Generator,
-                     rotate: bool = False) -> torch.Tensor:
+def random_crop_flip(img: torch.Tensor, size: int, generator: torch.Generator, rotate: bool = False) -> torch.Tensor:
     """Random (3, size, size) crop of (3, H, W) with a random horizontal flip.
 
     rotate=True also draws a vertical flip and a transpose (all 8 dihedral views),
@@ -380,11 +424,12 @@ def random_crop_flip(img: torch.Tensor, size: int, generator: torch.Generator,
     """
     h, w = img.shape[-2:]
     if h < size or w < size:
-        raise DegradeConfigError(f"training image {w}x{h} is smaller than the crop size {size}; "
-                                 "use a smaller crop or drop the image")
+        raise DegradeConfigError(
+            f"training image {w}x{h} is smaller than the crop size {size}; use a smaller crop or drop the image"
+        )
     top = int(_rand(generator) * (h - size + 1))
     left = int(_rand(generator) * (w - size + 1))
-    out = img[..., top:top + size, left:left + size]
+    out = img[..., top : top + size, left : left + size]
     if _rand(generator) < 0.5:
         out = out.flip(-1)
     if rotate:

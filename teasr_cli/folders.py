@@ -9,6 +9,7 @@ Each backbone is a module that defines BACKBONE, an object with the `Backbone` i
 ModelMixin or huggingface_hub's ModelHubMixin give every model the same save/load): this module finds it by
 name in BACKBONES and does the reading, checking and atomic writing for all of them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -73,16 +74,29 @@ class Backbone:
         by default the model as it is."""
         return model, config
 
-    def export(self, model: nn.Module, config: dict, folder, ema: dict | None = None, lora_rank: int | None = None,
-               dtype: torch.dtype | None = None) -> Path:
+    def export(
+        self,
+        model: nn.Module,
+        config: dict,
+        folder,
+        ema: dict | None = None,
+        lora_rank: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Path:
         """Write a trained model's folder: EMA weights in place of the live ones, training-only wrappers gone."""
         raise NotImplementedError
 
 
 def model_config(model, codec: dict, scale: int = 4, backbone: str = "native", **meta) -> dict:
     """The config.json of a model with its own sizes `model` (a config with to_dict(), e.g. DiTConfig)."""
-    return {"teasr_format": FORMAT_VERSION, "backbone": backbone, "scale": scale, "codec": codec,
-            "model": model.to_dict(), **meta}
+    return {
+        "teasr_format": FORMAT_VERSION,
+        "backbone": backbone,
+        "scale": scale,
+        "codec": codec,
+        "model": model.to_dict(),
+        **meta,
+    }
 
 
 def backbone(name: str, where: str = "") -> Backbone:
@@ -105,15 +119,17 @@ def save_pretrained(model: nn.Module, config: dict, folder, dtype: torch.dtype |
     dtype casts the floating-point tensors on the way out (e.g. fp16 for a smaller file)."""
     bb = backbone(config.get("backbone", "native"))
     config = {**bb.folder_config(model, config), "teasr_format": FORMAT_VERSION, "backbone": bb.name}
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in bb.folder_state(model).items()}
+    state = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+        for k, v in bb.folder_state(model).items()
+    }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     umask = os.umask(0)
     os.umask(umask)
-    with atomic_path(folder / CONFIG) as cfg_tmp, atomic_path(folder / WEIGHTS) as w_tmp:   # weights renamed first
+    with atomic_path(folder / CONFIG) as cfg_tmp, atomic_path(folder / WEIGHTS) as w_tmp:  # weights renamed first
         save_file(state, w_tmp, metadata={"format": "pt"})
-        os.chmod(w_tmp, 0o666 & ~umask)   # safetensors writes 0600; a model is for sharing
+        os.chmod(w_tmp, 0o666 & ~umask)  # safetensors writes 0600; a model is for sharing
         cfg_tmp.write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -125,12 +141,18 @@ def load_state_strict(own: dict[str, torch.Tensor], state: dict, source: str) ->
     unexpected = sorted(set(state) - set(own))
     shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shapes:
-        detail = "; ".join(s for s in (
-            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
-            f"{len(shapes)} with other shapes (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} "
-            f"vs {tuple(own[shapes[0]].shape)})" if shapes else "",
-        ) if s)
+        detail = "; ".join(
+            s
+            for s in (
+                f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(shapes)} with other shapes (e.g. {shapes[0]}: {tuple(state[shapes[0]].shape)} "
+                f"vs {tuple(own[shapes[0]].shape)})"
+                if shapes
+                else "",
+            )
+            if s
+        )
         raise ModelError(f"weights in {source} do not match its config.json: {detail}")
     with torch.no_grad():
         for k, v in state.items():
@@ -151,13 +173,13 @@ def load_pretrained(folder, dtype: torch.dtype | None = None, device=None) -> tu
         model = bb.build(config, state, dtype)
     except (KeyError, TypeError, ValueError, AssertionError) as e:
         raise ModelError(f"invalid model config in {folder / CONFIG}: {e}") from None
-    except ModelError as e:   # the backbone's own reason, said of this folder
+    except ModelError as e:  # the backbone's own reason, said of this folder
         raise ModelError(f"{folder}: {e}") from None
     load_state_strict(bb.folder_state(model), state, str(folder / WEIGHTS))
     if dtype is not None:
         model.to(dtype)
     if device is not None:
         model.to(device)
-        if getattr(model, "codec", None) is not None:   # a backbone's own codec is not a submodule
+        if getattr(model, "codec", None) is not None:  # a backbone's own codec is not a submodule
             model.codec.to(device)
     return model.eval(), config

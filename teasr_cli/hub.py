@@ -197,9 +197,13 @@ def push_model(folder, repo_id: str, *, private: bool = False, message: str | No
     try:
         api = HfApi(endpoint=constants.ENDPOINT, library_name="teasr", library_version=__version__)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                             allow_patterns=[*MODEL_FILES, *OPTIONAL_FILES],
-                             commit_message=message or f"Upload {folder.name} with teasr {__version__}")
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            allow_patterns=[*MODEL_FILES, *OPTIONAL_FILES],
+            commit_message=message or f"Upload {folder.name} with teasr {__version__}",
+        )
     except (OSError, HfHubHTTPError, ValueError, _TransportError) as err:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         auth = "401" in first_line or "token" in first_line.lower()

@@ -14,9 +14,9 @@ from __future__ import annotations
 import io
 import os
 import secrets
+import shutil
 import threading
 import warnings
-import shutil
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -33,27 +33,62 @@ from .errors import ImageReadError, ImageWriteError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # input decompression-bomb limit, overridable
 
-SUFFIX_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP",
-                  ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
-IMAGE_SUFFIXES = tuple(SUFFIX_FORMATS)   # what folder-walking commands (batch, eval, train) pick up
+SUFFIX_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
+IMAGE_SUFFIXES = tuple(SUFFIX_FORMATS)  # what folder-walking commands (batch, eval, train) pick up
 ORIENTATION = 0x0112
 # TIFF tags that describe the file layout of the source, not the photo: they must
 # not travel as EXIF into another file.
-_TIFF_LAYOUT_TAGS = (254, 255, 256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 280, 281,
-                     284, 317, 320, 322, 323, 324, 325, 338, 339, 340, 341, 530, 531, 532,
-                     34675)
+_TIFF_LAYOUT_TAGS = (
+    254,
+    255,
+    256,
+    257,
+    258,
+    259,
+    262,
+    266,
+    273,
+    277,
+    278,
+    279,
+    280,
+    281,
+    284,
+    317,
+    320,
+    322,
+    323,
+    324,
+    325,
+    338,
+    339,
+    340,
+    341,
+    530,
+    531,
+    532,
+    34675,
+)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as Pillow's RGB -> L
 
 
 @dataclass
 class Picture:
-    rgb: torch.Tensor            # (3, H, W) float32 in [0, 1]; grayscale replicated to 3 channels
-    alpha: torch.Tensor | None   # (1, H, W) float32 in [0, 1] or None
-    gray: bool                   # source was grayscale -> written back as grayscale
-    bits: int                    # 8 or 16
+    rgb: torch.Tensor  # (3, H, W) float32 in [0, 1]; grayscale replicated to 3 channels
+    alpha: torch.Tensor | None  # (1, H, W) float32 in [0, 1] or None
+    gray: bool  # source was grayscale -> written back as grayscale
+    bits: int  # 8 or 16
     icc_profile: bytes | None
-    exif: bytes | None           # Orientation already reset to 1 (it is applied to the pixels)
-    format: str | None           # source format name from Pillow, e.g. "JPEG"
+    exif: bytes | None  # Orientation already reset to 1 (it is applied to the pixels)
+    format: str | None  # source format name from Pillow, e.g. "JPEG"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -84,8 +119,10 @@ def _check_size(size: tuple[int, int], max_pixels: int | None, name: str) -> Non
     if w <= 0 or h <= 0:
         raise ImageReadError(f"{name}: the image is empty ({w}x{h} pixels)")
     if max_pixels is not None and w * h > max_pixels:
-        raise ImageReadError(f"{name}: the image is {w}x{h} = {w * h:,} pixels, more than the limit "
-                             f"of {max_pixels:,}; pass --max-pixels N to allow larger images")
+        raise ImageReadError(
+            f"{name}: the image is {w}x{h} = {w * h:,} pixels, more than the limit "
+            f"of {max_pixels:,}; pass --max-pixels N to allow larger images"
+        )
 
 
 def _reason(e: Exception) -> str:
@@ -124,12 +161,19 @@ def _read(path, max_pixels: int | None, convert):
         except PermissionError as e:
             raise ImageReadError(f"{path}: permission denied") from e
         except Exception as e:  # Pillow and the codecs raise many types on bad data
-            raise ImageReadError(f"{path}: cannot decode the image, the file is corrupt or "
-                                 f"truncated ({_reason(e)})") from e
+            raise ImageReadError(
+                f"{path}: cannot decode the image, the file is corrupt or truncated ({_reason(e)})"
+            ) from e
 
 
-_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF",
-               b"II*\0": "TIFF", b"MM\0*": "TIFF", b"BM": "BMP"}
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"II*\0": "TIFF",
+    b"MM\0*": "TIFF",
+    b"BM": "BMP",
+}
 
 
 def _unidentified(path: Path) -> str:
@@ -206,8 +250,9 @@ def _unpremultiply(arr: np.ndarray) -> np.ndarray:
 def _decode(img: Image.Image, deep: np.ndarray | None, name: str) -> tuple[np.ndarray, bytes | None, bytes | None]:
     """(upright (H, W, C) uint8/uint16 pixels, ICC profile, EXIF with the orientation reset)."""
     if getattr(img, "is_animated", False) and img.format != "MPO":  # MPO: phone JPEG + extras
-        warnings.warn(f"{name} is animated or has several frames: only the first frame is upscaled",
-                      stacklevel=5)  # read_image's caller
+        warnings.warn(
+            f"{name} is animated or has several frames: only the first frame is upscaled", stacklevel=5
+        )  # read_image's caller
         img.seek(0)
     if deep is None:
         img.load()  # decode here, inside the caller's try: a cut file must fail now
@@ -223,9 +268,9 @@ def _rgb8(img: Image.Image, deep: np.ndarray | None, name: str) -> torch.Tensor:
     arr = _decode(img, deep, name)[0]
     arr = arr[..., :-1] if arr.shape[-1] in (2, 4) else arr
     if arr.dtype == np.uint16:
-        arr = np.rint(arr / 257.0).astype(np.uint8)   # v * 255 / 65535, as read_image's floats would round
+        arr = np.rint(arr / 257.0).astype(np.uint8)  # v * 255 / 65535, as read_image's floats would round
     arr = np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
-    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)   # a copy only if needed
+    return torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1)  # a copy only if needed
 
 
 def _picture(img: Image.Image, deep: np.ndarray | None, name: str) -> Picture:
@@ -233,9 +278,15 @@ def _picture(img: Image.Image, deep: np.ndarray | None, name: str) -> Picture:
     bits = 16 if arr.dtype == np.uint16 else 8
     x = torch.from_numpy(arr.astype(np.float32) / (65535.0 if bits == 16 else 255.0)).permute(2, 0, 1)
     color = x[:-1] if x.shape[0] in (2, 4) else x
-    return Picture(rgb=color.expand(3, -1, -1).contiguous() if color.shape[0] == 1 else color.contiguous(),
-                   alpha=x[-1:].contiguous() if x.shape[0] in (2, 4) else None,
-                   gray=color.shape[0] == 1, bits=bits, icc_profile=icc, exif=exif, format=img.format)
+    return Picture(
+        rgb=color.expand(3, -1, -1).contiguous() if color.shape[0] == 1 else color.contiguous(),
+        alpha=x[-1:].contiguous() if x.shape[0] in (2, 4) else None,
+        gray=color.shape[0] == 1,
+        bits=bits,
+        icc_profile=icc,
+        exif=exif,
+        format=img.format,
+    )
 
 
 def _pil_pixels(img: Image.Image, name: str) -> tuple[np.ndarray, bytes | None]:
@@ -265,12 +316,13 @@ def _cmyk_to_rgb(img: Image.Image, icc: bytes | None, name: str) -> tuple[Image.
     if icc is not None:
         try:
             srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-            out = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb,
-                                            outputMode="RGB")
+            out = ImageCms.profileToProfile(img, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB")
             return out, srgb.tobytes()
         except (ImageCms.PyCMSError, OSError, ValueError) as e:
-            warnings.warn(f"{name}: its CMYK colour profile is unusable ({_reason(e)}); "
-                          "converting CMYK to RGB without it", stacklevel=7)
+            warnings.warn(
+                f"{name}: its CMYK colour profile is unusable ({_reason(e)}); converting CMYK to RGB without it",
+                stacklevel=7,
+            )
     return img.convert("RGB"), None
 
 
@@ -293,9 +345,15 @@ def _exif(img: Image.Image, name: str) -> tuple[bytes | None, int]:
 
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
     """Apply EXIF orientation (1..8) to an (H, W, C) array, as ImageOps.exif_transpose does."""
-    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-           5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1),
-           7: lambda a: a.swapaxes(0, 1)[::-1, ::-1], 8: lambda a: np.rot90(a, 1)}
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),
+    }
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
@@ -306,8 +364,14 @@ def find_images(folder, pattern: str = "*", recursive: bool = False, exclude=Non
     folder = Path(folder)
     files = folder.rglob(pattern) if recursive else folder.glob(pattern)
     skip = Path(exclude).resolve() if exclude is not None else None
-    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-                  and p.is_file() and (skip is None or skip not in p.resolve().parents))
+    return sorted(
+        p
+        for p in files
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and p.is_file()
+        and (skip is None or skip not in p.resolve().parents)
+    )
 
 
 def image_files(folder, what: str, error: type[Exception] = ImageReadError) -> list[Path]:
@@ -321,6 +385,7 @@ def image_files(folder, what: str, error: type[Exception] = ImageReadError) -> l
 
 
 # ---------------------------------------------------------------- tensors
+
 
 def upscale_alpha(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(1, h, w) -> (1, H, W) with Lanczos on a float image (no 8-bit rounding), size=(H, W)."""
@@ -379,6 +444,7 @@ def to_pil(pic: Picture) -> Image.Image:
 
 # ---------------------------------------------------------------- writing
 
+
 def output_format(path, fmt: str | None = None) -> str:
     """Pillow format name from an explicit format ("jpg", "PNG", ...) or the path's suffix."""
     key = "." + fmt.lower().lstrip(".") if fmt else Path(path).suffix.lower()
@@ -388,8 +454,7 @@ def output_format(path, fmt: str | None = None) -> str:
     return SUFFIX_FORMATS[key]
 
 
-def write_image(pic: Picture, path, fmt: str | None = None, quality: int = 95,
-                overwrite: bool = True) -> Path:
+def write_image(pic: Picture, path, fmt: str | None = None, quality: int = 95, overwrite: bool = True) -> Path:
     """Write atomically (see atomic_path; the bytes are on disk first) and return the path."""
     path = Path(path)
     fmt = output_format(path, fmt)
@@ -427,7 +492,7 @@ def atomic_path(path) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)   # os.replace cannot put a folder over a folder that holds files
+            shutil.rmtree(path)  # os.replace cannot put a folder over a folder that holds files
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
@@ -443,8 +508,11 @@ def write_text_atomic(path, text: str) -> Path:
 def _encode(pic: Picture, f, fmt: str, quality: int, name: str) -> None:
     alpha = pic.alpha is not None
     if alpha and fmt == "JPEG":
-        warnings.warn(f"{name}: JPEG cannot store transparency; the alpha channel is dropped "
-                      "(write PNG, WebP or TIFF to keep it)", stacklevel=4)
+        warnings.warn(
+            f"{name}: JPEG cannot store transparency; the alpha channel is dropped "
+            "(write PNG, WebP or TIFF to keep it)",
+            stacklevel=4,
+        )
         alpha = False
     # WebP has no grayscale; BMP has no gray+alpha.
     gray = pic.gray and fmt != "WEBP" and not (fmt == "BMP" and alpha)
@@ -484,11 +552,17 @@ def _png16(arr: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
 
 def _tiff16(arr: np.ndarray, f, icc: bytes | None, exif: bytes | None, name: str) -> None:
     if exif is not None:
-        warnings.warn(f"{name}: EXIF metadata is not written to 16-bit TIFF files "
-                      "(the ICC profile is kept)", stacklevel=5)
+        warnings.warn(
+            f"{name}: EXIF metadata is not written to 16-bit TIFF files (the ICC profile is kept)", stacklevel=5
+        )
     gray, channels = arr.shape[-1] <= 2, arr.shape[-1]
-    tifffile.imwrite(f, arr[..., 0] if channels == 1 else arr,
-                     photometric="minisblack" if gray else "rgb",
-                     planarconfig="contig" if channels > 1 else None,
-                     extrasamples=["unassalpha"] if channels in (2, 4) else None,
-                     iccprofile=icc, compression="zlib", metadata=None)
+    tifffile.imwrite(
+        f,
+        arr[..., 0] if channels == 1 else arr,
+        photometric="minisblack" if gray else "rgb",
+        planarconfig="contig" if channels > 1 else None,
+        extrasamples=["unassalpha"] if channels in (2, 4) else None,
+        iccprofile=icc,
+        compression="zlib",
+        metadata=None,
+    )

@@ -3,6 +3,7 @@
 A sample is a pure function of (seed, global sample number) (see trainer.make_batch), so a batch is the same
 whether it is made on the main process or by any number of workers; only the wall time changes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -43,11 +44,19 @@ def collate(items: list[Batch]) -> Batch:
 
 
 def _one_thread(_):
-    torch.set_num_threads(1)   # many workers, each with its own sample: no thread pool fights another
+    torch.set_num_threads(1)  # many workers, each with its own sample: no thread pool fights another
 
 
-def batch_stream(make: Callable[..., Batch], batch_size: int, first_micro: int, num_processes: int = 1, rank: int = 0,
-                 workers: int = 0, device="cpu", prefetch: int = 4) -> Iterator[Batch]:
+def batch_stream(
+    make: Callable[..., Batch],
+    batch_size: int,
+    first_micro: int,
+    num_processes: int = 1,
+    rank: int = 0,
+    workers: int = 0,
+    device="cpu",
+    prefetch: int = 4,
+) -> Iterator[Batch]:
     """The trainer's micro-batches in order, on `device`. `make(first_sample=, n=, device=)` builds n samples;
     with workers > 0 they come from a DataLoader that runs `prefetch` batches per worker ahead."""
     if workers <= 0:
@@ -56,9 +65,19 @@ def batch_stream(make: Callable[..., Batch], batch_size: int, first_micro: int, 
             yield make(first_sample=(m * num_processes + rank) * batch_size, n=batch_size, device=device)
             m += 1
     cuda = torch.device(device).type == "cuda"
-    loader = DataLoader(Samples(make), batch_sampler=MicroBatches(batch_size, first_micro, num_processes, rank),
-                        num_workers=workers, collate_fn=collate, pin_memory=cuda, prefetch_factor=prefetch,
-                        worker_init_fn=_one_thread, persistent_workers=True)
+    loader = DataLoader(
+        Samples(make),
+        batch_sampler=MicroBatches(batch_size, first_micro, num_processes, rank),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=cuda,
+        prefetch_factor=prefetch,
+        worker_init_fn=_one_thread,
+        persistent_workers=True,
+    )
     for hq, lq, draws in loader:
-        yield (hq.to(device, non_blocking=cuda), lq.to(device, non_blocking=cuda),
-               {k: v.to(device, non_blocking=cuda) for k, v in draws.items()})
+        yield (
+            hq.to(device, non_blocking=cuda),
+            lq.to(device, non_blocking=cuda),
+            {k: v.to(device, non_blocking=cuda) for k, v in draws.items()},
+        )

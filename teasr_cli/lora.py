@@ -1,4 +1,5 @@
 """LoRA on the condition branch only (peft), and its export as plain (peft-free) condition-branch LoRA modules."""
+
 from __future__ import annotations
 
 import torch
@@ -27,12 +28,15 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str = LORA_TARG
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0), model)
     for name, mod in model.named_modules():
-        if isinstance(mod, LoraLayer) and name in exported:   # continue an exported SAD model: the same function
+        if isinstance(mod, LoraLayer) and name in exported:  # continue an exported SAD model: the same function
             down, up, scale = exported[name]
             if down.shape[0] > rank:
-                raise TeasrError(f"the model's condition-branch LoRA has rank {down.shape[0]}; continue it with rank >= that, not {rank}")
+                raise TeasrError(
+                    f"the model's condition-branch LoRA has rank {down.shape[0]}; "
+                    f"continue it with rank >= that, not {rank}"
+                )
             (adapter,) = mod.active_adapters
-            with torch.no_grad():   # the extra rank starts at zero (lora_B), so the output is unchanged
+            with torch.no_grad():  # the extra rank starts at zero (lora_B), so the output is unchanged
                 mod.lora_A[adapter].weight[: down.shape[0]].copy_(down)
                 mod.lora_B[adapter].weight.zero_()[:, : down.shape[0]].copy_(up * (scale / mod.scaling[adapter]))
     for name, p in model.named_parameters():

@@ -8,6 +8,7 @@ Both token sets share one grid (same 2-D RoPE positions), so attention is spatia
 and RoPE carries no absolute position, which keeps the model translation-equivariant (tiles
 of an image see the same function as the whole image).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 
 @dataclass
 class DiTConfig:
-    latent_channels: int = 48     # channels of the codec latent (pixel-unshuffle f=4 on RGB: 3*4*4)
-    patch_size: int = 2           # latent pixels per token side
+    latent_channels: int = 48  # channels of the codec latent (pixel-unshuffle f=4 on RGB: 3*4*4)
+    patch_size: int = 2  # latent pixels per token side
     hidden_size: int = 256
     depth: int = 6
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    rope_theta: float = 100.0     # grids are small (tiles), a short base wavelength suits them
+    rope_theta: float = 100.0  # grids are small (tiles), a short base wavelength suits them
     # What the final layer predicts. "v": the velocity itself (DESIGN default). "x0": a clean latent as a
     # residual on the LQ latent, x0 = z_lq + out, returned as v = (z_t - x0) / max(t_cur, t_min). Needed when a
     # patch holds more values than a token (16x16 RGB pixels = 768 > width): noise cannot pass through such a
@@ -49,7 +50,7 @@ class DiTConfig:
     trunk_depth: int = 8
     stem_depth: int = 1
     decoder_depth: int = 2
-    cond_lora_rank: int = 0       # > 0: exported condition-branch LoRA (plain modules, no peft needed)
+    cond_lora_rank: int = 0  # > 0: exported condition-branch LoRA (plain modules, no peft needed)
     cond_lora_alpha: float = 0.0
 
     @classmethod
@@ -137,8 +138,11 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float, device) -> tuple[torch.
     """cos/sin tables (h*w, head_dim/2) of axial 2-D rotary embeddings: half the pairs rotate with y, half with x."""
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                            torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
     ang = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (h*w, head_dim/2)
     return ang.cos(), ang.sin()
 
@@ -154,7 +158,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
-        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)   # QK-norm keeps attention logits tame at any resolution
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)  # QK-norm keeps attention logits tame at any resolution
         self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
@@ -162,10 +166,10 @@ class Attention(nn.Module):
         """Joint attention; with `n_out`, only the first n_out tokens query (the others still give keys/values)."""
         B, L, D = x.shape
         qkv = branch_linear(self.qkv, x, n_noise).reshape(B, L, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                               # (B, heads, L, head_dim) each
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, L, head_dim) each
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         n_out = L if n_out is None else n_out
-        x = F.scaled_dot_product_attention(q[:, :, :n_out], k, v)          # joint attention over both branches
+        x = F.scaled_dot_product_attention(q[:, :, :n_out], k, v)  # joint attention over both branches
         return branch_linear(self.proj, x.transpose(1, 2).reshape(B, n_out, D), n_noise)
 
 
@@ -192,7 +196,7 @@ class DiTBlock(nn.Module):
     def modulation(self, c_noise, c_cond, n_noise, n_cond):
         """Per-token (shift, scale, gate) x 2, each (B, L, D): the two times never mix in one embedding."""
         lin = self.adaLN_modulation[1]
-        base = getattr(lin, "base_layer", lin)   # a condition-branch LoRA must not touch the noise tokens' modulation
+        base = getattr(lin, "base_layer", lin)  # a condition-branch LoRA must not touch the noise tokens' modulation
         mods = [base(F.silu(c_noise)).unsqueeze(1), lin(F.silu(c_cond)).unsqueeze(1)]
         per_tok = torch.cat([mods[0].expand(-1, n_noise, -1), mods[1].expand(-1, n_cond, -1)], dim=1)
         return per_tok.chunk(6, dim=-1)
@@ -224,7 +228,7 @@ class ConvHead(nn.Module):
 
     def __init__(self, channels: int, width: int, depth: int, cond_dim: int):
         super().__init__()
-        conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1, padding_mode="replicate")   # noqa: E731 (replicate: tile borders)
+        conv = lambda i, o: nn.Conv2d(i, o, 3, padding=1, padding_mode="replicate")  # noqa: E731 (replicate: tile borders)
         self.inp = conv(3 * channels, width)
         self.mid = nn.ModuleList(conv(width, width) for _ in range(depth))
         self.film = nn.Linear(cond_dim, 2 * width)
@@ -245,7 +249,7 @@ class ConvHead(nn.Module):
 
 
 def conv3x3(i: int, o: int) -> nn.Conv2d:
-    return nn.Conv2d(i, o, 3, padding=1, padding_mode="replicate")   # replicate: a tile border looks like an image's
+    return nn.Conv2d(i, o, 3, padding=1, padding_mode="replicate")  # replicate: a tile border looks like an image's
 
 
 class FiLMResBlock(nn.Module):
@@ -254,7 +258,7 @@ class FiLMResBlock(nn.Module):
     def __init__(self, width: int, cond_dim: int):
         super().__init__()
         self.conv1, self.conv2 = conv3x3(width, width), conv3x3(width, width)
-        self.film = nn.Linear(cond_dim, 2 * width)   # zero-initialised: starts unmodulated
+        self.film = nn.Linear(cond_dim, 2 * width)  # zero-initialised: starts unmodulated
 
     def forward(self, h, c):
         shift, scale = self.film(F.silu(c))[:, :, None, None].chunk(2, dim=1)
@@ -282,26 +286,30 @@ class TeasrDiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = c = config
-        assert c.hidden_size % c.num_heads == 0 and (c.hidden_size // c.num_heads) % 4 == 0, "head_dim must be a multiple of 4 (2-D RoPE)"
+        assert c.hidden_size % c.num_heads == 0 and (c.hidden_size // c.num_heads) % 4 == 0, (
+            "head_dim must be a multiple of 4 (2-D RoPE)"
+        )
         assert c.depth or c.trunk_channels, "a model needs DiT blocks (depth) or conv trunks (trunk_channels)"
         assert c.prediction in ("v", "x0"), f"prediction must be 'v' or 'x0', not {c.prediction!r}"
-        width = c.trunk_channels or c.latent_channels            # what the tokens are patches of
-        patch_dim = width * c.patch_size ** 2
+        width = c.trunk_channels or c.latent_channels  # what the tokens are patches of
+        patch_dim = width * c.patch_size**2
         # (registration order fixes the initialisation's random draws: keep it)
         if c.depth:
-            self.x_embedder = nn.Linear(patch_dim, c.hidden_size)    # noise branch input
-            self.c_embedder = nn.Linear(patch_dim, c.hidden_size)    # condition branch input
-        self.t_embedder = TimestepEmbedder(c.hidden_size)        # t_cur -> noise-path modulation
-        self.t2_embedder = TimestepEmbedder(c.hidden_size)       # t_tar -> condition-path modulation
+            self.x_embedder = nn.Linear(patch_dim, c.hidden_size)  # noise branch input
+            self.c_embedder = nn.Linear(patch_dim, c.hidden_size)  # condition branch input
+        self.t_embedder = TimestepEmbedder(c.hidden_size)  # t_cur -> noise-path modulation
+        self.t2_embedder = TimestepEmbedder(c.hidden_size)  # t_tar -> condition-path modulation
         if c.depth:
             self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
             self.final_layer = FinalLayer(c.hidden_size, patch_dim)
         if c.trunk_channels:
-            self.trunk = ConvTrunk(c.latent_channels, width, c.trunk_depth, c.hidden_size)   # condition path
-            self.stem = ConvTrunk(c.latent_channels, width, c.stem_depth, c.hidden_size)     # noise path
+            self.trunk = ConvTrunk(c.latent_channels, width, c.trunk_depth, c.hidden_size)  # condition path
+            self.stem = ConvTrunk(c.latent_channels, width, c.stem_depth, c.hidden_size)  # noise path
             self.decoder = ConvTrunk((3 if c.depth else 2) * width, width, c.decoder_depth, c.hidden_size)
             self.decoder_out = conv3x3(width, c.latent_channels)
-        self.head = ConvHead(c.latent_channels, c.head_channels, c.head_depth, c.hidden_size) if c.head_channels else None
+        self.head = (
+            ConvHead(c.latent_channels, c.head_channels, c.head_depth, c.hidden_size) if c.head_channels else None
+        )
         self.gradient_checkpointing = False
         self.initialize_weights()
         if c.cond_lora_rank > 0:
@@ -312,18 +320,19 @@ class TeasrDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+
         self.apply(_basic_init)
         for emb in (self.t_embedder, self.t2_embedder):
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        self.t2_embedder.load_state_dict(self.t_embedder.state_dict())   # temb2 starts as a copy of temb
+        self.t2_embedder.load_state_dict(self.t_embedder.state_dict())  # temb2 starts as a copy of temb
         # adaLN-Zero: every block starts as the identity and the model outputs zero velocity
         zero = [m for m in self.modules() if isinstance(m, FiLMResBlock)]
         zero = [b.adaLN_modulation[-1] for b in getattr(self, "blocks", [])] + [b.film for b in zero]
         if self.config.depth:
             zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         if self.config.trunk_channels:
-            zero.append(self.decoder_out)   # the hybrid starts as the bicubic latent (x0) or zero velocity (v)
+            zero.append(self.decoder_out)  # the hybrid starts as the bicubic latent (x0) or zero velocity (v)
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -351,14 +360,14 @@ class TeasrDiT(nn.Module):
         B, _, H, W = z_t.shape
         p = self.config.patch_size
         ph, pw = (-H) % p, (-W) % p
-        if ph or pw:   # odd sizes: pad to whole patches (replicate keeps borders natural), crop the output
+        if ph or pw:  # odd sizes: pad to whole patches (replicate keeps borders natural), crop the output
             z_t = F.pad(z_t, (0, pw, 0, ph), mode="replicate")
             z_lq = F.pad(z_lq, (0, pw, 0, ph), mode="replicate")
         h, w = (H + ph) // p, (W + pw) // p
-        c_noise = self.t_embedder(self._times(t_cur, B, z_t.device))        # (B, D)
-        c_cond = self.t2_embedder(self._times(t_tar, B, z_t.device))        # (B, D)
+        c_noise = self.t_embedder(self._times(t_cur, B, z_t.device))  # (B, D)
+        c_cond = self.t2_embedder(self._times(t_tar, B, z_t.device))  # (B, D)
         if self.config.trunk_channels:
-            f_t, f_lq = self.stem(z_t, c_noise), self.trunk(z_lq, c_cond)   # (B, width, H', W') each
+            f_t, f_lq = self.stem(z_t, c_noise), self.trunk(z_lq, c_cond)  # (B, width, H', W') each
             skips = [f_t, f_lq]
             if self.config.depth:
                 skips.insert(0, self.tokens(f_t, f_lq, c_noise, c_cond, h, w))
@@ -384,11 +393,14 @@ class TeasrDiT(nn.Module):
         n = h * w
         x = torch.cat([self.x_embedder(self.patchify(x_t)), self.c_embedder(self.patchify(x_lq))], dim=1)  # (B, 2n, D)
         cos, sin = rope_2d(h, w, self.config.hidden_size // self.config.num_heads, self.config.rope_theta, x.device)
-        cos, sin = cos.repeat(2, 1).to(x.dtype), sin.repeat(2, 1).to(x.dtype)   # condition tokens reuse the noise positions
+        cos, sin = (
+            cos.repeat(2, 1).to(x.dtype),
+            sin.repeat(2, 1).to(x.dtype),
+        )  # condition tokens reuse the noise positions
         for i, block in enumerate(self.blocks):
             last = i == len(self.blocks) - 1
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, c_noise, c_cond, cos, sin, n, last, use_reentrant=False)
             else:
                 x = block(x, c_noise, c_cond, cos, sin, n, last)
-        return self.unpatchify(self.final_layer(x, c_noise), h, w)   # the noise tokens carry the output
+        return self.unpatchify(self.final_layer(x, c_noise), h, w)  # the noise tokens carry the output

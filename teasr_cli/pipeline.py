@@ -1,5 +1,6 @@
 """Upscaler: image -> bicubic x4 -> encode -> any-step sampling (tiled) -> decode -> anchor / colour fix /
 fidelity projection -> image."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ COLOR_FIXES = ("wavelet", "adain", "none")
 def _gaussian_blur(x, sigma: float):
     k = int(2 * round(3 * sigma) + 1)
     ax = torch.arange(k, dtype=x.dtype, device=x.device) - k // 2
-    g = torch.exp(-ax ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
     g = (g / g.sum()).view(1, 1, 1, k).repeat(x.shape[1], 1, 1, 1)
     pad = "reflect" if min(x.shape[-2:]) > k // 2 else "replicate"
     x = F.conv2d(F.pad(x, (k // 2, k // 2, 0, 0), mode=pad), g, groups=x.shape[1])
@@ -66,8 +67,8 @@ def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> i
         tokens = 4096 if free > 16 * 2**30 else 2048
     else:
         tokens = 256
-    side = int(tokens ** 0.5) * patch
-    return max(min(side, max(latent_hw)), 2 * patch)   # a latent smaller than 2 patches still gets a valid (single) tile
+    side = int(tokens**0.5) * patch
+    return max(min(side, max(latent_hw)), 2 * patch)  # a latent smaller than 2 patches still gets a valid (single) tile
 
 
 def project_to_lr_(out, lr, scale: int, iters: int = 5):
@@ -86,11 +87,11 @@ def project_to_lr_(out, lr, scale: int, iters: int = 5):
 class UpscaleSettings:
     steps: int = 1
     seed: int = 0
-    tile: int | None = None         # latent pixels; None = auto
+    tile: int | None = None  # latent pixels; None = auto
     tile_overlap: int | None = None  # latent pixels; None = tile // 4
-    tile_batch: int | None = None   # tiles per model call; None = auto (4 on a CPU: bigger matmuls, 1 on a GPU)
+    tile_batch: int | None = None  # tiles per model call; None = auto (4 on a CPU: bigger matmuls, 1 on a GPU)
     color_fix: str = "wavelet"
-    grid_shift: bool = True         # move the patch grid by half a patch on every other step (steps > 1)
+    grid_shift: bool = True  # move the patch grid by half a patch on every other step (steps > 1)
     # steps > 1: what the LR grid can see comes from the 1-step result (one more model call), the finer detail
     # from the N steps. The N-step samples drift at LR scale, which costs fidelity and LPIPS (train/README.md).
     anchor: bool = True
@@ -111,9 +112,16 @@ class Upscaler:
     >>> sr = up(Image.open("photo.jpg"), steps=4, seed=0)
     """
 
-    def __init__(self, model, codec, scale: int = 4, device: str | torch.device = "cpu", dtype: str = "auto",
-                 offload: str = "none"):
-        big = hasattr(model, "offload_mode")   # a Hub-base backbone (Qwen-Image): bf16, offload hooks
+    def __init__(
+        self,
+        model,
+        codec,
+        scale: int = 4,
+        device: str | torch.device = "cpu",
+        dtype: str = "auto",
+        offload: str = "none",
+    ):
+        big = hasattr(model, "offload_mode")  # a Hub-base backbone (Qwen-Image): bf16, offload hooks
         self.device = pick_device(device) if isinstance(device, str) else device
         if dtype == "auto":
             dtype = "bf16" if big or (self.device.type == "cpu" and cpu_multiplies_bf16()) else "fp32"
@@ -123,9 +131,9 @@ class Upscaler:
             raise TeasrError(f"unknown offload mode {offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
         if offload != "none" and not big:
             raise TeasrError("--offload is for big backbones (qwen-image); this model fits in memory as it is")
-        self.dtype_name, self.dtype = dtype, DTYPES[dtype]   # the name: what "auto" chose, for the records
+        self.dtype_name, self.dtype = dtype, DTYPES[dtype]  # the name: what "auto" chose, for the records
         if big:
-            model.to(self.dtype)      # cast first: the offload hooks pin where each module lives
+            model.to(self.dtype)  # cast first: the offload hooks pin where each module lives
             codec.to(self.dtype)
             enable_offload(model, offload, self.device)
             self.model = model.eval()
@@ -136,9 +144,17 @@ class Upscaler:
         self.patch = getattr(getattr(model, "config", None), "patch_size", 1)
 
     @classmethod
-    def from_pretrained(cls, spec=None, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-                        progress: bool = True, offload: str = "none", revision: str | None = None) -> "Upscaler":
-        if revision is not None:   # huggingface_hub's keyword, beside the "org/name@revision" spelling
+    def from_pretrained(
+        cls,
+        spec=None,
+        device: str = "auto",
+        dtype: str = "auto",
+        threads: int | None = None,
+        progress: bool = True,
+        offload: str = "none",
+        revision: str | None = None,
+    ) -> "Upscaler":
+        if revision is not None:  # huggingface_hub's keyword, beside the "org/name@revision" spelling
             if spec is None or "@" in str(spec):
                 raise TeasrError(f"revision={revision!r} needs a Hub repo id without '@revision' of its own")
             spec = f"{spec}@{revision}"
@@ -161,9 +177,13 @@ class Upscaler:
         return v[..., shift:, shift:]
 
     @torch.no_grad()
-    def upscale_tensor(self, lq: torch.Tensor, settings: UpscaleSettings | None = None,
-                       callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                       tile_callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def upscale_tensor(
+        self,
+        lq: torch.Tensor,
+        settings: UpscaleSettings | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        tile_callback: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
         """lq: (1, 3, h, w) RGB in [0, 1] -> (1, 3, scale*h, scale*w) in [0, 1].
 
         callback(i, n, z) follows each sampling step; tile_callback(done, total) each model call, counted in
@@ -198,27 +218,39 @@ class Upscaler:
             nonlocal done
             v = self._velocity(z, t_cur, z_lq, t_tar, steps)
             if tile_callback is not None:
-                done += z.shape[0] // lq.shape[0]   # tiles in this model call
+                done += z.shape[0] // lq.shape[0]  # tiles in this model call
                 tile_callback(done, n_calls)
             return v
 
         def velocity(steps):
-            return TiledVelocity(partial(counted, steps=steps if s.grid_shift else 1), tile,
-                                 min(overlap, tile - 1), s.tile_batch or (4 if self.device.type == "cpu" else 1),
-                                 align=self.patch)
+            return TiledVelocity(
+                partial(counted, steps=steps if s.grid_shift else 1),
+                tile,
+                min(overlap, tile - 1),
+                s.tile_batch or (4 if self.device.type == "cpu" else 1),
+                align=self.patch,
+            )
+
         # one full-size noise tensor from a CPU generator: the same seed gives the same image on any device
         noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(s.seed)).to(self.device)
         anchor = s.anchored
         total = s.steps + anchor
         try:
-            if anchor:   # only its LR-sized downscale is kept
+            if anchor:  # only its LR-sized downscale is kept
                 z = sample(velocity(1), noise, z_lq, 1, callback=callback and (lambda i, n, z: callback(1, total, z)))
                 lr_anchor = downscale(self.codec.decode(z).float(), self.scale)
                 del z
-            z = sample(velocity(s.steps), noise, z_lq, s.steps,
-                       callback=callback and (lambda i, n, z: callback(i + anchor, total, z)))
+            z = sample(
+                velocity(s.steps),
+                noise,
+                z_lq,
+                s.steps,
+                callback=callback and (lambda i, n, z: callback(i + anchor, total, z)),
+            )
         except torch.OutOfMemoryError:
-            raise TeasrError(f"out of memory with --tile {tile}; try a smaller --tile (e.g. {max(tile // 2, 2 * self.patch)})") from None
+            raise TeasrError(
+                f"out of memory with --tile {tile}; try a smaller --tile (e.g. {max(tile // 2, 2 * self.patch)})"
+            ) from None
         del z_lq, noise
         out = self.codec.decode(z).float()
         del z
@@ -236,7 +268,7 @@ class Upscaler:
 
     def layout(self, h: int, w: int, s: UpscaleSettings) -> tuple[int, int, int, int]:
         """(latent height, latent width, tile, tile overlap) for an h x w input."""
-        m = max(1, -(-self.codec.downsample // self.scale))   # the input is padded to a multiple of m
+        m = max(1, -(-self.codec.downsample // self.scale))  # the input is padded to a multiple of m
         Hl, Wl = ((n + (-n) % m) * self.scale // self.codec.downsample for n in (h, w))
         tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device)
         overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
@@ -248,7 +280,8 @@ class Upscaler:
         s = settings or UpscaleSettings()
         Hl, Wl, tile, overlap = self.layout(h, w, s)
         per_pass = len(tile_starts(Hl, min(tile, Hl), overlap, self.patch)) * len(
-            tile_starts(Wl, min(tile, Wl), overlap, self.patch))
+            tile_starts(Wl, min(tile, Wl), overlap, self.patch)
+        )
         return per_pass * (s.steps + s.anchored)
 
     def upscale_picture(self, pic, settings: UpscaleSettings | None = None, callback=None, tile_callback=None):

@@ -1,5 +1,6 @@
 """Where the work runs: the device, the CPU's threads and what its hardware multiplies natively. Shared by the
 pipeline and the trainer."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ def pick_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TeasrError(f"--device {device} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TeasrError("--device mps asked for, but this PyTorch has no MPS (Apple GPU) support; "
-                         "use --device cpu or auto")
+        raise TeasrError(
+            "--device mps asked for, but this PyTorch has no MPS (Apple GPU) support; use --device cpu or auto"
+        )
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise TeasrError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return torch.device(device)

@@ -4,6 +4,7 @@
 are drawn by the caller (so a step is reproducible per sample, whatever the batch layout).
 `sg` (stop-gradient) is `.detach()` or `torch.no_grad()`, exactly where the design puts it.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -15,22 +16,22 @@ import torch.nn.functional as F
 
 @dataclass
 class SADConfig:
-    lambda_flow: float = 1.0      # conditional flow matching (0 only for the regression baseline)
-    lambda_cons: float = 1.0      # shortcut self-consistency
-    lambda_data: float = 1.0      # pixel fidelity anchor (MSE + lambda_lpips * LPIPS)
+    lambda_flow: float = 1.0  # conditional flow matching (0 only for the regression baseline)
+    lambda_cons: float = 1.0  # shortcut self-consistency
+    lambda_data: float = 1.0  # pixel fidelity anchor (MSE + lambda_lpips * LPIPS)
     lambda_lpips: float = 1.0
     # > 1: LPIPS on both images cropped at a random offset in [0, lpips_jitter) px per sample (as E-LPIPS does).
     # AlexNet's first layer has stride 4, like the f=4 codec grid: an aligned LPIPS rewards a fixed 4-px pattern.
     lpips_jitter: int = 0
-    lambda_adv: float = 1.0       # fake-trajectory flow matching
-    lambda_rect: float = 1.0      # rectification (the DMD-like signal)
-    t_sampler: str = "logit-normal"   # p(t) for flow matching: "uniform" | "logit-normal"
+    lambda_adv: float = 1.0  # fake-trajectory flow matching
+    lambda_rect: float = 1.0  # rectification (the DMD-like signal)
+    t_sampler: str = "logit-normal"  # p(t) for flow matching: "uniform" | "logit-normal"
     t_mean: float = 0.0
     t_std: float = 1.0
-    tar: bool = True              # Time-Aware Rectification weight w(s) = (1-s)^2/s; False = constant 1 (ablation)
-    tar_s_min: float = 0.02       # clamp s >= s_min before w(s): w blows up as s -> 0
-    tar_w_max: float = 10.0       # and bound w(s) <= w_max (both bounds apply)
-    rect_norm: bool = False       # DMD's normaliser: dv as a data-space gap relative to the distance to the real estimate
+    tar: bool = True  # Time-Aware Rectification weight w(s) = (1-s)^2/s; False = constant 1 (ablation)
+    tar_s_min: float = 0.02  # clamp s >= s_min before w(s): w blows up as s -> 0
+    tar_w_max: float = 10.0  # and bound w(s) <= w_max (both bounds apply)
+    rect_norm: bool = False  # DMD's normaliser: dv as a data-space gap relative to the distance to the real estimate
 
 
 def _b(t, z):
@@ -83,7 +84,10 @@ def data_loss(x_fake, x0, lpips=None, lambda_lpips: float = 1.0, shift=None, jit
         a, b = (x_fake.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2
         if shift is not None:
             h, w = a.shape[-2] - jitter + 1, a.shape[-1] - jitter + 1
-            a, b = (torch.stack([x[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(shift.tolist())]) for x in (a, b))
+            a, b = (
+                torch.stack([x[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shift.tolist())])
+                for x in (a, b)
+            )
         loss = loss + lambda_lpips * lpips(a, b).mean()
     return loss
 
@@ -125,8 +129,9 @@ def rect_loss(model, f, z_fake, z_lq, s, eps_r, cfg: SADConfig):
     return F.mse_loss(f, target)
 
 
-def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=None, lpips=None,
-               backward=None, no_sync=nullcontext) -> dict:
+def sad_losses(
+    model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=None, lpips=None, backward=None, no_sync=nullcontext
+) -> dict:
     """Every loss term of one SAD step; returns {name: scalar}, with the weighted sum under "loss".
 
     draws: eps, t, s_cons, eps_one, t_adv, eps_adv, s_rect, eps_rect (per-sample noise and times).
@@ -152,18 +157,29 @@ def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=Non
         terms = {}
         if cfg.lambda_data > 0:
             shift = draws["lpips_shift"] if cfg.lpips_jitter > 1 else None
-            terms["data"] = (cfg.lambda_data, data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips, shift, cfg.lpips_jitter))
+            terms["data"] = (
+                cfg.lambda_data,
+                data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips, shift, cfg.lpips_jitter),
+            )
         if cfg.lambda_rect > 0:
-            terms["rect"] = (cfg.lambda_rect, rect_loss(model, f, z_fake, z_lq, draws["s_rect"], draws["eps_rect"], cfg))
+            terms["rect"] = (
+                cfg.lambda_rect,
+                rect_loss(model, f, z_fake, z_lq, draws["s_rect"], draws["eps_rect"], cfg),
+            )
         return terms
 
     def adv():
-        if "z" not in fake:                      # no data/rect term: the one-step output is only a target
+        if "z" not in fake:  # no data/rect term: the one-step output is only a target
             with torch.no_grad():
                 fake["z"] = one_step_fake(model, draws["eps_one"], z_lq)[1]
         return {"adv": (cfg.lambda_adv, adv_loss(model, fake["z"], z_lq, draws["t_adv"], draws["eps_adv"]))}
 
-    groups = [flow] * (cfg.lambda_flow > 0) + [cons] * (cfg.lambda_cons > 0) + [data_rect] * one_step + [adv] * (cfg.lambda_adv > 0)
+    groups = (
+        [flow] * (cfg.lambda_flow > 0)
+        + [cons] * (cfg.lambda_cons > 0)
+        + [data_rect] * one_step
+        + [adv] * (cfg.lambda_adv > 0)
+    )
     out, loss = {}, 0.0
     for i, group in enumerate(groups):
         with no_sync() if backward is not None and i < len(groups) - 1 else nullcontext():
@@ -180,14 +196,18 @@ def sad_losses(model, z0, z_lq, draws: dict, cfg: SADConfig, decode=None, x0=Non
 
 def draw_sample(shape, cfg: SADConfig, generator: torch.Generator) -> dict:
     """All noise and times one training sample needs, drawn in a fixed order from its own generator."""
+
     def u():
         return torch.rand((), generator=generator)
+
     d = {"eps": torch.randn(shape, generator=generator), "t": sample_t(u(), cfg)}
-    d["s_cons"] = u() * d["t"]                                   # s ~ U(0, t)
+    d["s_cons"] = u() * d["t"]  # s ~ U(0, t)
     d["eps_one"] = torch.randn(shape, generator=generator)
-    d["t_adv"] = u().clamp(1e-3, 1)                              # t' ~ U(0, 1)
+    d["t_adv"] = u().clamp(1e-3, 1)  # t' ~ U(0, 1)
     d["eps_adv"] = torch.randn(shape, generator=generator)
-    d["s_rect"] = u().clamp(1e-3, 1)                             # s ~ U(0, 1)
+    d["s_rect"] = u().clamp(1e-3, 1)  # s ~ U(0, 1)
     d["eps_rect"] = torch.randn(shape, generator=generator)
-    d["lpips_shift"] = torch.randint(0, max(cfg.lpips_jitter, 1), (2,), generator=generator)   # last: the rest stays as before
+    d["lpips_shift"] = torch.randint(
+        0, max(cfg.lpips_jitter, 1), (2,), generator=generator
+    )  # last: the rest stays as before
     return d

@@ -1,4 +1,5 @@
 """Any-step Euler sampler (DESIGN.md section 5, the paper's Algorithm 1)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,8 +15,13 @@ def timesteps(steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def sample(velocity: Callable, noise: torch.Tensor, z_lq: torch.Tensor, steps: int,
-           callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+def sample(
+    velocity: Callable,
+    noise: torch.Tensor,
+    z_lq: torch.Tensor,
+    steps: int,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Integrate from pure noise (t=1) to data (t=0) in `steps` Euler jumps.
 
     `velocity(z, t_cur, z_lq, t_tar)` is the model (or a tiled wrapper of it); each call is told
@@ -26,7 +32,7 @@ def sample(velocity: Callable, noise: torch.Tensor, z_lq: torch.Tensor, steps: i
     z = noise
     for i in range(steps):
         v = velocity(z, taus[i], z_lq, taus[i + 1])
-        z = torch.sub(z, v.to(z.dtype), alpha=taus[i] - taus[i + 1])   # no temporary: big images are memory-bound
+        z = torch.sub(z, v.to(z.dtype), alpha=taus[i] - taus[i + 1])  # no temporary: big images are memory-bound
         if callback is not None:
             callback(i + 1, steps, z)
     return z

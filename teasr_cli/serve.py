@@ -5,6 +5,7 @@ the page polls. One worker thread runs the jobs one at a time on the one model i
 step through the pipeline's callbacks; a cancel is noticed between tiles. Uploads and results live only in a temp
 folder the app owns, removed at exit. Nothing here prints: `say` and `warn` come from the CLI.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -30,19 +31,19 @@ from starlette.staticfiles import StaticFiles
 
 from teasr_cli.errors import TeasrError
 from teasr_cli.imageio import DEFAULT_MAX_PIXELS, SUFFIX_FORMATS, read_image, to_pil, write_image
-from teasr_cli.pipeline import COLOR_FIXES, UpscaleSettings, Upscaler
+from teasr_cli.pipeline import COLOR_FIXES, Upscaler, UpscaleSettings
 
 STATIC = Path(__file__).with_name("static")
 MAX_STEPS = 8
-MAX_UPLOAD = 2**30          # bytes; far above any photo under the default pixel limit
-BROWSER_SHOWS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}   # other formats get a PNG preview
+MAX_UPLOAD = 2**30  # bytes; far above any photo under the default pixel limit
+BROWSER_SHOWS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}  # other formats get a PNG preview
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tiff", "BMP": ".bmp"}
 
 
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = 7860            # Gradio's default: where people expect a local model demo
+    port: int = 7860  # Gradio's default: where people expect a local model demo
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -57,14 +58,14 @@ class Cancelled(Exception):
 @dataclass
 class Job:
     id: str
-    session: str                # the browser tab that made it: each tab lists its own results
-    name: str                   # the uploaded file's name, for messages and the download's name
+    session: str  # the browser tab that made it: each tab lists its own results
+    name: str  # the uploaded file's name, for messages and the download's name
     settings: UpscaleSettings
-    folder: Path                # this job's folder in the app's temp folder
+    folder: Path  # this job's folder in the app's temp folder
     src: Path
     out: Path
-    in_size: tuple[int, int]    # (W, H)
-    state: str = "queued"       # queued, running, done, failed, cancelled
+    in_size: tuple[int, int]  # (W, H)
+    state: str = "queued"  # queued, running, done, failed, cancelled
     step: int = 0
     steps: int = 0
     tiles: int = 0
@@ -114,7 +115,7 @@ class JobQueue:
                 self.waiting.remove(job)
                 job.state = "cancelled"
             elif job.state == "running":
-                job.cancel.set()    # seen by the tile callback
+                job.cancel.set()  # seen by the tile callback
 
     def stop(self, timeout: float = 60.0):
         with self.cond:
@@ -159,7 +160,7 @@ class JobQueue:
             job.state = "cancelled"
         except TeasrError as e:
             job.error, job.state = _user_message(str(e), job), "failed"
-        except Exception as e:   # e.g. out of memory on a huge photo: that job fails, the server keeps serving
+        except Exception as e:  # e.g. out of memory on a huge photo: that job fails, the server keeps serving
             job.error, job.state = f"{job.name}: {type(e).__name__}: {e}", "failed"
 
 
@@ -175,6 +176,7 @@ def _safe_suffix(name: str) -> str:
 
 def parse_settings(q) -> UpscaleSettings:
     """Query parameters -> settings; a bad value is a ValueError with the message the page shows."""
+
     def number(key, kind, default, lo, hi):
         raw = q.get(key, "")
         try:
@@ -188,17 +190,32 @@ def parse_settings(q) -> UpscaleSettings:
     color = q.get("color_fix", "wavelet")
     if color not in COLOR_FIXES:
         raise ValueError(f"colour fix must be one of {', '.join(COLOR_FIXES)}, not {color!r}")
-    return UpscaleSettings(steps=number("steps", int, 1, 1, MAX_STEPS), seed=number("seed", int, 0, 0, 2**63 - 1),
-                           fidelity=number("fidelity", float, 0.0, 0.0, 1.0), color_fix=color)
+    return UpscaleSettings(
+        steps=number("steps", int, 1, 1, MAX_STEPS),
+        seed=number("seed", int, 0, 0, 2**63 - 1),
+        fidelity=number("fidelity", float, 0.0, 0.0, 1.0),
+        color_fix=color,
+    )
 
 
 def job_json(job: Job, queue: JobQueue) -> dict:
     s = job.settings
-    return {"id": job.id, "name": job.name, "state": job.state, "place": queue.place(job),
-            "step": job.step, "steps": job.steps, "tiles": job.tiles, "tiles_total": job.tiles_total,
-            "error": job.error, "seconds": job.seconds, "in_size": job.in_size, "out_size": job.out_size,
-            "settings": {"steps": s.steps, "seed": s.seed, "fidelity": s.fidelity, "color_fix": s.color_fix},
-            "download_name": job.download_name}
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.state,
+        "place": queue.place(job),
+        "step": job.step,
+        "steps": job.steps,
+        "tiles": job.tiles,
+        "tiles_total": job.tiles_total,
+        "error": job.error,
+        "seconds": job.seconds,
+        "in_size": job.in_size,
+        "out_size": job.out_size,
+        "settings": {"steps": s.steps, "seed": s.seed, "fidelity": s.fidelity, "color_fix": s.color_fix},
+        "download_name": job.download_name,
+    }
 
 
 def _error(msg: str, status: int = 400) -> JSONResponse:
@@ -243,16 +260,24 @@ def build_app(queue: JobQueue, workdir: Path, info: dict) -> Starlette:
         if size > MAX_UPLOAD:
             shutil.rmtree(folder)
             return _error(f"{name}: the file is over {MAX_UPLOAD >> 20} MiB; upscale it with `teasr upscale`", 413)
-        try:   # decode it now, so a bad file is refused at once rather than when its turn comes
+        try:  # decode it now, so a bad file is refused at once rather than when its turn comes
             pic = await run_in_threadpool(read_image, src, queue.max_pixels)
         except TeasrError as e:
             shutil.rmtree(folder)
             return _error(str(e).replace(str(src), name))
         out_suffix = suffix if suffix in SUFFIX_FORMATS else FORMAT_SUFFIX.get(pic.format, ".png")
-        job = Job(job_id, q.get("session", ""), name, settings, folder, src, folder / f"output{out_suffix}",
-                  (pic.size[1], pic.size[0]))
+        job = Job(
+            job_id,
+            q.get("session", ""),
+            name,
+            settings,
+            folder,
+            src,
+            folder / f"output{out_suffix}",
+            (pic.size[1], pic.size[0]),
+        )
         if job.preview(src) != src:
-            await run_in_threadpool(lambda: to_pil(pic).save(job.preview(src)))
+            await run_in_threadpool(lambda p=pic: to_pil(p).save(job.preview(src)))
         del pic
         queue.submit(job)
         return JSONResponse(job_json(job, queue))
@@ -334,19 +359,28 @@ def run(cfg: ServeConfig, say: Callable[[str], None], warn: Callable[[str], None
     sock = listen(cfg.host, cfg.port)
     try:
         if not is_loopback(cfg.host):
-            warn(f"listening on {cfg.host}: anyone who can reach this machine can use the app and its files; "
-                 "there is no authentication")
+            warn(
+                f"listening on {cfg.host}: anyone who can reach this machine can use the app and its files; "
+                "there is no authentication"
+            )
         up = Upscaler.from_pretrained(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads)
         with tempfile.TemporaryDirectory(prefix="teasr-serve-") as tmp:
             queue = JobQueue(up, cfg.max_pixels)
-            info = {"model": str(cfg.model or "default"), "device": up.device.type, "dtype": up.dtype_name,
-                    "max_pixels": cfg.max_pixels, "max_steps": MAX_STEPS, "color_fixes": list(COLOR_FIXES)}
+            info = {
+                "model": str(cfg.model or "default"),
+                "device": up.device.type,
+                "dtype": up.dtype_name,
+                "max_pixels": cfg.max_pixels,
+                "max_steps": MAX_STEPS,
+                "color_fixes": list(COLOR_FIXES),
+            }
             app = build_app(queue, Path(tmp), info)
             host, port = sock.getsockname()[:2]
-            shown = "127.0.0.1" if not is_loopback(host) else host   # 0.0.0.0 is not an address to open
+            shown = "127.0.0.1" if not is_loopback(host) else host  # 0.0.0.0 is not an address to open
             url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
-            server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                   timeout_graceful_shutdown=2))
+            server = uvicorn.Server(
+                uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+            )
             # uvicorn catches SIGINT/SIGTERM, shuts down, then re-raises the signal with the handler found
             # before it: make that one raise KeyboardInterrupt, so a `kill` stops as a Ctrl-C does (exit 0)
             previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -4,6 +4,7 @@ Every sampler step computes each tile's velocity on the current full-size latent
 so all tiles share one noise tensor and one trajectory: no seams, and one tile that covers the
 image gives exactly the untiled result.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,12 +20,12 @@ def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]
     if tile >= size:
         return [0]
     stride = max(tile - overlap, 1)
-    n = -(-(size - tile) // stride) + 1                      # ceil: enough tiles to reach the end
+    n = -(-(size - tile) // stride) + 1  # ceil: enough tiles to reach the end
     # spread the tiles evenly so every overlap is at least `overlap` (no thin slivers at the border)
     starts = [i * (size - tile) / (n - 1) for i in range(n)]
     if align == 1:
         return [round(x) for x in starts]
-    return sorted({align * int(x // align) for x in starts})   # a stride below `align` would repeat a start
+    return sorted({align * int(x // align) for x in starts})  # a stride below `align` would repeat a start
 
 
 def ramp(length: int, tile: int, at_start: bool, at_end: bool, overlap: int) -> torch.Tensor:
@@ -66,7 +67,7 @@ class TiledVelocity:
             ov_x = min(self.overlap, tw // 2) if len(xs) > 1 else 0
             tiles, weights = [], []
             for i, y in enumerate(ys):
-                h = H - y if i == len(ys) - 1 else th   # an aligned last tile runs on to the border
+                h = H - y if i == len(ys) - 1 else th  # an aligned last tile runs on to the border
                 wy = ramp(h, h, i == 0, i == len(ys) - 1, ov_y)
                 for j, x in enumerate(xs):
                     w = W - x if j == len(xs) - 1 else tw
@@ -75,9 +76,9 @@ class TiledVelocity:
                     weights.append(wy[:, None] * wx[None, :])
             total = torch.zeros(H, W, dtype=torch.float64)
             for (y, x, h, w), wt in zip(tiles, weights):
-                total[y:y + h, x:x + w] += wt
+                total[y : y + h, x : x + w] += wt
             # normalise each tile's weight by the sum over tiles: the blend weights sum to exactly 1
-            norm = [(wt / total[y:y + h, x:x + w]).float() for (y, x, h, w), wt in zip(tiles, weights)]
+            norm = [(wt / total[y : y + h, x : x + w]).float() for (y, x, h, w), wt in zip(tiles, weights)]
             self._cache[(H, W)] = (tiles, norm)
         return self._cache[(H, W)]
 
@@ -87,18 +88,18 @@ class TiledVelocity:
         if len(tiles) == 1:
             return self.model(z, t_cur, z_lq, t_tar)
         out = None
-        shapes: dict = {}   # tiles of one shape go through the model together
+        shapes: dict = {}  # tiles of one shape go through the model together
         for k, (y, x, h, w) in enumerate(tiles):
             shapes.setdefault((h, w), []).append(k)
         for ks in shapes.values():
             for i in range(0, len(ks), self.batch):
-                chunk = ks[i:i + self.batch]
-                zt = torch.cat([z[:, :, y:y + h, x:x + w] for y, x, h, w in (tiles[k] for k in chunk)])
-                zl = torch.cat([z_lq[:, :, y:y + h, x:x + w] for y, x, h, w in (tiles[k] for k in chunk)])
+                chunk = ks[i : i + self.batch]
+                zt = torch.cat([z[:, :, y : y + h, x : x + w] for y, x, h, w in (tiles[k] for k in chunk)])
+                zl = torch.cat([z_lq[:, :, y : y + h, x : x + w] for y, x, h, w in (tiles[k] for k in chunk)])
                 v = self.model(zt, t_cur, zl, t_tar)
                 if out is None:
                     out = torch.zeros(B, v.shape[1], H, W, dtype=v.dtype, device=v.device)
                 for n, k in enumerate(chunk):
                     y, x, h, w = tiles[k]
-                    out[:, :, y:y + h, x:x + w] += v[n * B:(n + 1) * B] * norm[k].to(v.device, v.dtype)
+                    out[:, :, y : y + h, x : x + w] += v[n * B : (n + 1) * B] * norm[k].to(v.device, v.dtype)
         return out

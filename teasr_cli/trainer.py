@@ -1,6 +1,7 @@
 """Training loop: stage `prior` (conditional flow matching, all weights), stage `sad` (SAD + TAR, LoRA on the
 condition branch) and stage `regress` (the plain one-pass regression baseline: MSE + LPIPS, all weights), with
 accelerate (one or many processes), gradient accumulation, EMA and exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from teasr_cli.sampler import sample
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:   # the same parser, from PyPI (a dependency on 3.10 only)
+else:  # the same parser, from PyPI (a dependency on 3.10 only)
     import tomli as tomllib
 
 
@@ -38,15 +39,15 @@ else:   # the same parser, from PyPI (a dependency on 3.10 only)
 class TrainConfig:
     data: str = ""
     out: str = "runs/teasr"
-    stage: str = "prior"                 # "prior" | "sad" | "regress"
-    backbone: str = "native"             # "native" | "qwen-image" (base from `base`; only stage sad)
-    base: str = "Qwen/Qwen-Image-2512"   # qwen-image: Hub repo "org/name[@revision]", or "tiny" (tests, CPU smoke runs)
-    init: str | None = None              # model folder to start from (required for sad: the prior)
-    model: dict = field(default_factory=dict)                        # DiTConfig fields for a new prior
+    stage: str = "prior"  # "prior" | "sad" | "regress"
+    backbone: str = "native"  # "native" | "qwen-image" (base from `base`; only stage sad)
+    base: str = "Qwen/Qwen-Image-2512"  # qwen-image: Hub repo "org/name[@revision]", or "tiny" (tests, CPU smoke runs)
+    init: str | None = None  # model folder to start from (required for sad: the prior)
+    model: dict = field(default_factory=dict)  # DiTConfig fields for a new prior
     codec: dict = field(default_factory=lambda: {"type": "pixel-unshuffle", "factor": 4, "scale": 1.0})
     scale: int = 4
-    steps: int = 1000                    # optimizer steps
-    batch_size: int = 4                  # per process, per micro-batch
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 4  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.99)
@@ -55,22 +56,22 @@ class TrainConfig:
     warmup: int = 0
     lora_rank: int = 128
     lora_alpha: float = 128.0
-    train_head: bool = False             # sad: the conv head trains too (the LoRA alone cannot mend its token grid)
-    ema: float = 0.0                     # EMA decay of trainable weights (0 = off)
-    mixed_precision: str = "no"          # "no" | "bf16" | "fp16" (GPU)
+    train_head: bool = False  # sad: the conv head trains too (the LoRA alone cannot mend its token grid)
+    ema: float = 0.0  # EMA decay of trainable weights (0 = off)
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPU)
     gradient_checkpointing: bool = False
-    crop: int = 256                      # HQ crop side (pixels)
-    degradation: str | dict = "realesrgan"   # "realesrgan" | "mild" | "bicubic", or a {name: weight} mixture
-    small_images: str = "skip"           # "skip" | "pad"
-    image_cache: int = 64                # decoded photos kept in memory per process (LRU; 0 = read every time)
+    crop: int = 256  # HQ crop side (pixels)
+    degradation: str | dict = "realesrgan"  # "realesrgan" | "mild" | "bicubic", or a {name: weight} mixture
+    small_images: str = "skip"  # "skip" | "pad"
+    image_cache: int = 64  # decoded photos kept in memory per process (LRU; 0 = read every time)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200
     keep_last: int = 3
-    sample_every: int = 500              # sample grid PNG (0 = off)
-    lpips: str = "alex"                  # LPIPS net for the data loss ("" = MSE only)
+    sample_every: int = 500  # sample grid PNG (0 = off)
+    lpips: str = "alex"  # LPIPS net for the data loss ("" = MSE only)
     threads: int | None = None
-    workers: int = 0                     # data-loading processes (0 = the main process); batches do not depend on it
+    workers: int = 0  # data-loading processes (0 = the main process); batches do not depend on it
     # Time budgets (0 = none): the run stops after the step that crosses one, with a checkpoint and an export,
     # so equal-compute studies and bounded GPU bursts are one command. CPU time is summed over resumes and
     # counts what the process used, so a run on a shared machine is not cut short by the others' load.
@@ -88,9 +89,12 @@ class TrainConfig:
             except (OSError, tomllib.TOMLDecodeError) as e:
                 raise TeasrError(f"cannot read recipe {path}: {e}") from None
         raw.update({k: v for k, v in overrides.items() if v is not None and k != "sad"})
-        stages = raw.pop("stages", {})          # [stages.prior] / [stages.sad]: keys for one stage only
-        raw = {**raw, **stages.get(raw.get("stage", "prior"), {}),
-               **{k: v for k, v in overrides.items() if v is not None and k not in ("sad", "stages")}}
+        stages = raw.pop("stages", {})  # [stages.prior] / [stages.sad]: keys for one stage only
+        raw = {
+            **raw,
+            **stages.get(raw.get("stage", "prior"), {}),
+            **{k: v for k, v in overrides.items() if v is not None and k not in ("sad", "stages")},
+        }
         sad = {**raw.pop("sad", {}), **(overrides.get("sad") or {})}
         known = {f.name for f in fields(cls)}
         bad = sorted(set(raw) - known) + sorted(f"sad.{k}" for k in set(sad) - {f.name for f in fields(SADConfig)})
@@ -105,8 +109,10 @@ class TrainConfig:
             raise TeasrError(f"--backbone must be one of {', '.join(BACKBONES)}, not {cfg.backbone!r}")
         backbone(cfg.backbone).check(cfg)
         if not valid_degradation(cfg.degradation):
-            raise TeasrError(f"degradation must be one of {', '.join(LR_KINDS)} or a mixture {{name: weight}} "
-                             f"of them with non-negative weights, not {cfg.degradation!r}")
+            raise TeasrError(
+                f"degradation must be one of {', '.join(LR_KINDS)} or a mixture {{name: weight}} "
+                f"of them with non-negative weights, not {cfg.degradation!r}"
+            )
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
         return cfg
@@ -116,6 +122,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- checkpoints (safetensors only)
+
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Optimizer state as (tensors, json-able scalars) so it can live in safetensors."""
@@ -177,6 +184,7 @@ def load_checkpoint(ckpt: Path, model, opt, ema: dict | None) -> int:
 
 # ----------------------------------------------------------------------------- model set-up
 
+
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     """(model, model-folder config). prior: new or --init; sad: --init prior (or a backbone's own base) + LoRA on
     the condition branch."""
@@ -190,7 +198,7 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
         model = bb.build(mcfg, dtype=dtype)
     if cfg.stage == "sad":
         bb.add_cond_lora(model, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.train_head:   # the conv layers after the DiT: the plain form's head, the hybrid's decoder
+        if cfg.train_head:  # the conv layers after the DiT: the plain form's head, the hybrid's decoder
             heads = [getattr(model, k, None) for k in ("head", "decoder", "decoder_out")]
             if not any(heads):
                 raise TeasrError(f"train_head needs a model with a conv head or decoder; {cfg.init} has none")
@@ -198,20 +206,28 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
                 m.requires_grad_(True)
     else:
         model.requires_grad_(True)
-    model.train()   # load_pretrained gives eval(); gradient checkpointing only runs in training mode
+    model.train()  # load_pretrained gives eval(); gradient checkpointing only runs in training mode
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, mcfg
 
 
-def export_model(model, mcfg: dict, folder: Path, ema: dict | None = None, meta: dict | None = None,
-                 dtype: torch.dtype | None = None, lora_rank: int | None = None) -> Path:
+def export_model(
+    model,
+    mcfg: dict,
+    folder: Path,
+    ema: dict | None = None,
+    meta: dict | None = None,
+    dtype: torch.dtype | None = None,
+    lora_rank: int | None = None,
+) -> Path:
     """A plain model folder for `teasr upscale`: EMA weights if any, written by the model's backbone."""
     bb = backbone(mcfg.get("backbone", "native"))
     return bb.export(model, {**mcfg, **(meta or {})}, folder, ema, lora_rank, dtype)
 
 
-def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None,
-                      lora_rank: int | None = None) -> Path:
+def export_checkpoint(
+    path: Path, out: Path, use_ema: bool = True, dtype: torch.dtype | None = None, lora_rank: int | None = None
+) -> Path:
     """`teasr train --export`: a run folder (its latest checkpoint) or one checkpoint -> a plain model folder."""
     path = Path(path)
     ckpt = path if (path / "state.json").exists() else latest_checkpoint(path)
@@ -227,11 +243,11 @@ def export_checkpoint(path: Path, out: Path, use_ema: bool = True, dtype: torch.
     ema = {} if use_ema and cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema)
     meta = {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}}
-    return export_model(model, mcfg, Path(out), ema or None, meta,
-                        dtype=dtype, lora_rank=lora_rank)
+    return export_model(model, mcfg, Path(out), ema or None, meta, dtype=dtype, lora_rank=lora_rank)
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape, device):
     """HQ crops, their LQ, and per-sample draws for global samples first_sample .. first_sample+n-1.
@@ -253,8 +269,12 @@ def make_batch(images, cfg: TrainConfig, first_sample: int, n: int, latent_shape
 def valid_degradation(d) -> bool:
     mix = {d: 1.0} if isinstance(d, str) else d
     try:
-        return (isinstance(mix, dict) and all(k in LR_KINDS for k in mix)
-                and all(float(v) >= 0 for v in mix.values()) and sum(map(float, mix.values())) > 0)
+        return (
+            isinstance(mix, dict)
+            and all(k in LR_KINDS for k in mix)
+            and all(float(v) >= 0 for v in mix.values())
+            and sum(map(float, mix.values())) > 0
+        )
     except (TypeError, ValueError):
         return False
 
@@ -279,16 +299,23 @@ def stage_sad_config(cfg: TrainConfig) -> SADConfig:
     return cfg.sad
 
 
-def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], None] | None = None,
-          stop: Callable[[], bool] | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    callback: Callable[[dict], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> Path:
     """Run (or resume) training; returns the exported model folder. `callback(record)` gets each log record."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     set_threads(cfg.threads)
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                      cpu=not torch.cuda.is_available())
-    set_seed(cfg.seed + acc.process_index)      # per-rank seed for anything not drawn per sample
+    acc = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        mixed_precision=cfg.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+    )
+    set_seed(cfg.seed + acc.process_index)  # per-rank seed for anything not drawn per sample
     run = Path(cfg.out)
     ckpt = latest_checkpoint(run) if resume else None
     if resume and ckpt is None and acc.is_main_process and any(run.glob("ckpt-*")):
@@ -307,12 +334,13 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema) if ckpt else 0
-    for group in opt.param_groups:   # the recipe's rate, not the one saved with the optimizer state
+    for group in opt.param_groups:  # the recipe's rate, not the one saved with the optimizer state
         group["lr"] = group["initial_lr"] = cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0,
-                                              last_epoch=step - 1 if step else -1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0, last_epoch=step - 1 if step else -1
+    )
     dmodel, opt = acc.prepare(model, opt)
-    if ema is not None:   # beside the weights, which prepare() moved to the GPU: one update kernel per tensor
+    if ema is not None:  # beside the weights, which prepare() moved to the GPU: one update kernel per tensor
         ema = {n: v.to(acc.device) for n, v in ema.items()}
     if acc.is_main_process:
         (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -320,18 +348,36 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
             _truncate_log(run, step)
             _log(run, {"event": "resume", "from_step": step}, callback)
         else:
-            _log(run, {"event": "start", "config": cfg.to_dict(), "trainable_params": sum(p.numel() for p in trainable),
-                       "total_params": sum(p.numel() for p in model.parameters()), "images": len(images)}, callback)
+            _log(
+                run,
+                {
+                    "event": "start",
+                    "config": cfg.to_dict(),
+                    "trainable_params": sum(p.numel() for p in trainable),
+                    "total_params": sum(p.numel() for p in model.parameters()),
+                    "images": len(images),
+                },
+                callback,
+            )
     down = codec.downsample
     latent_shape = (codec.latent_channels, cfg.crop // down, cfg.crop // down)
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
     sums: dict = {}
     t0, logged_at = time.time(), step
     wall0, cpu0 = time.time(), time.process_time() - prior_cpu_seconds(run, step)
-    over_budget = lambda: ((cfg.max_minutes and time.time() - wall0 >= 60 * cfg.max_minutes)  # noqa: E731
-                           or (cfg.max_cpu_minutes and time.process_time() - cpu0 >= 60 * cfg.max_cpu_minutes))
-    batches = batch_stream(partial(make_batch, images, cfg, latent_shape=latent_shape), cfg.batch_size,
-                           step * cfg.grad_accum, acc.num_processes, acc.process_index, cfg.workers, acc.device)
+    over_budget = lambda: (
+        (cfg.max_minutes and time.time() - wall0 >= 60 * cfg.max_minutes)  # noqa: E731
+        or (cfg.max_cpu_minutes and time.process_time() - cpu0 >= 60 * cfg.max_cpu_minutes)
+    )
+    batches = batch_stream(
+        partial(make_batch, images, cfg, latent_shape=latent_shape),
+        cfg.batch_size,
+        step * cfg.grad_accum,
+        acc.num_processes,
+        acc.process_index,
+        cfg.workers,
+        acc.device,
+    )
     while step < cfg.steps:
         for micro in range(cfg.grad_accum):
             hq, lq, draws = next(batches)
@@ -340,8 +386,18 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
                 z0, z_lq = codec.encode(x0), encode_lq(codec, lq * 2 - 1, cfg.scale)
                 # one backward per graph (peak memory of one graph); accelerate divides each by grad_accum,
                 # so the accumulated gradient is the mean over the big batch
-                losses = sad_losses(dmodel, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
-                                    backward=acc.backward, no_sync=lambda: acc.no_sync(dmodel))
+                losses = sad_losses(
+                    dmodel,
+                    z0,
+                    z_lq,
+                    draws,
+                    sad_cfg,
+                    decode=codec.decode,
+                    x0=x0,
+                    lpips=lpips,
+                    backward=acc.backward,
+                    no_sync=lambda: acc.no_sync(dmodel),
+                )
                 if acc.sync_gradients and cfg.grad_clip > 0:
                     acc.clip_grad_norm_(trainable, cfg.grad_clip)
                 opt.step()
@@ -360,10 +416,15 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
         if acc.is_main_process:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 dt = time.time() - t0
-                rec = {"step": step, **{k: v / (step - logged_at) for k, v in sums.items()},
-                       "lr": sched.get_last_lr()[0], "it_s": (step - logged_at) / max(dt, 1e-9),
-                       "samples_s": (step - logged_at) * per_step / max(dt, 1e-9), "skipped_images": len(images.skipped),
-                       "cpu_s": round(time.process_time() - cpu0, 1)}
+                rec = {
+                    "step": step,
+                    **{k: v / (step - logged_at) for k, v in sums.items()},
+                    "lr": sched.get_last_lr()[0],
+                    "it_s": (step - logged_at) / max(dt, 1e-9),
+                    "samples_s": (step - logged_at) * per_step / max(dt, 1e-9),
+                    "skipped_images": len(images.skipped),
+                    "cpu_s": round(time.process_time() - cpu0, 1),
+                }
                 _log(run, rec, callback)
                 sums, t0, logged_at = {}, time.time(), step
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -371,13 +432,13 @@ def train(cfg: TrainConfig, resume: bool = False, callback: Callable[[dict], Non
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
         acc.wait_for_everyone()
-        if over_budget():   # a finished run: checkpoint and export as at the last step
+        if over_budget():  # a finished run: checkpoint and export as at the last step
             if acc.is_main_process:
                 if step % cfg.ckpt_every and step != cfg.steps:
                     save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
                 _log(run, {"event": "budget", "step": step, "cpu_s": round(time.process_time() - cpu0, 1)}, callback)
             break
-        if stop is not None and stop():   # e.g. Ctrl-C: keep the work done so far, --resume continues from here
+        if stop is not None and stop():  # e.g. Ctrl-C: keep the work done so far, --resume continues from here
             if acc.is_main_process and step % cfg.ckpt_every:
                 save_checkpoint(run, step, model, opt, ema, cfg.keep_last)
             break
@@ -427,7 +488,7 @@ def save_sample_grid(model, codec, images, cfg: TrainConfig, path: Path, n: int 
     z_lq = codec.encode(up)
     noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(0)).to(z_lq.device)
     cols = [up] + [codec.decode(sample(model, noise, z_lq, k)) for k in (1, 4)] + [hq * 2 - 1]
-    grid = torch.cat([torch.cat(list(c.clamp(-1, 1)), dim=1) for c in cols], dim=2)   # (3, n*H, 4*W)
+    grid = torch.cat([torch.cat(list(c.clamp(-1, 1)), dim=1) for c in cols], dim=2)  # (3, n*H, 4*W)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = ((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     with atomic_path(path) as tmp:

@@ -74,6 +74,6 @@ def assert_one_line_error(result, *words):
     """A CliRunner result that failed with one handled `error: ...` line containing `words`."""
     text = result.output.strip()
     assert result.exit_code not in (0, None), text
-    assert isinstance(result.exception, SystemExit), repr(result.exception)   # handled, not a crash
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # handled, not a crash
     assert "Traceback" not in text and len(text.splitlines()) == 1, text
     assert text.startswith("error:") and all(w in text for w in words), text

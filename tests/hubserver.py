@@ -117,7 +117,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/repos/create":
             info = json.loads(req)
             repo = ("datasets/" if info.get("type") == "dataset" else "") + "/".join(
-                p for p in (info.get("organization"), info["name"]) if p)
+                p for p in (info.get("organization"), info["name"]) if p
+            )
             if repo in self.hub.commits:
                 return self._json(409, {"error": "You already created this repo", "url": f"{self.hub.endpoint}/{repo}"})
             self.hub.add(repo, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
@@ -133,8 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         if (found := self.hub.files(repo, revision)) is None:
             return self._error(404, "RevisionNotFound")
         if what == "preupload":
-            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                     for f in json.loads(req)["files"]]
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in json.loads(req)["files"]
+            ]
             return self._json(200, {"files": files})
         files = dict(found[1])
         for line in req.splitlines():
@@ -146,8 +148,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif item["key"] != "header":
                 return self._json(400, {"error": f"this test Hub takes inline files only, not {item['key']}"})
         sha = self.hub.add(repo, revision, files)
-        self._json(200, {"commitUrl": f"{self.hub.endpoint}/{repo}/commit/{sha}", "commitOid": sha,
-                         "pullRequestUrl": None})
+        self._json(
+            200, {"commitUrl": f"{self.hub.endpoint}/{repo}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+        )
 
     def _json(self, status: int, obj) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json"}, True)

@@ -15,26 +15,30 @@ from teasr_cli.pipeline import Upscaler, UpscaleSettings
 
 # ------------------------------------------------------------------ progress: tiles x passes, known up front
 
+
 @pytest.fixture(scope="module")
 def up(tiny_model_dir):
     return Upscaler.from_pretrained(tiny_model_dir, device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(steps=1),
-    dict(steps=3),                        # + the 1-step anchor pass
-    dict(steps=3, anchor=False),
-    dict(steps=2, fidelity=0.5),          # the fidelity projection replaces the anchor: no extra pass
-    dict(steps=2, tile=8, tile_overlap=2),
-    dict(steps=1, tile=6, tile_batch=3),  # several tiles per model call
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(steps=1),
+        dict(steps=3),  # + the 1-step anchor pass
+        dict(steps=3, anchor=False),
+        dict(steps=2, fidelity=0.5),  # the fidelity projection replaces the anchor: no extra pass
+        dict(steps=2, tile=8, tile_overlap=2),
+        dict(steps=1, tile=6, tile_batch=3),  # several tiles per model call
+    ],
+)
 def test_work_is_the_total_the_tile_callback_counts_to_from_its_first_call(up, kw):
-    lq = to_tensor(small_photo("chelsea", (20, 13)))   # odd size: padded to the codec's grid
+    lq = to_tensor(small_photo("chelsea", (20, 13)))  # odd size: padded to the codec's grid
     s = UpscaleSettings(**kw)
     total = up.work(*lq.shape[-2:], s)
     seen = []
     up.upscale_tensor(lq, s, tile_callback=lambda done, n: seen.append((done, n)))
-    assert {n for _, n in seen} == {total}                        # the same total from the very first call
+    assert {n for _, n in seen} == {total}  # the same total from the very first call
     assert seen[-1][0] == total and all(a < b for (a, _), (b, _) in zip(seen, seen[1:]))
     passes = kw["steps"] + (kw["steps"] > 1 and kw.get("anchor", True) and not kw.get("fidelity"))
     assert total % passes == 0 and (total > passes) == ("tile" in kw)
@@ -42,12 +46,13 @@ def test_work_is_the_total_the_tile_callback_counts_to_from_its_first_call(up, k
 
 # ------------------------------------------------------------------ listing and planning
 
+
 def test_glob_matches_image_suffixes_in_any_case():
     assert batch.matches(PurePosixPath("UPPER.PNG"), "*.png")
     assert batch.matches(PurePosixPath("lower.png"), "*.PNG")
     assert batch.matches(PurePosixPath("sub/x.JPG"), "*.jpg")
     assert not batch.matches(PurePosixPath("a.png"), "*.jpg")
-    assert not batch.matches(PurePosixPath("Photo.png"), "photo*")   # only the suffix is case-insensitive
+    assert not batch.matches(PurePosixPath("Photo.png"), "photo*")  # only the suffix is case-insensitive
 
 
 @pytest.fixture
@@ -64,7 +69,9 @@ def test_plan_lists_sorted_names_outputs_and_shards(album, tmp_path):
     out = tmp_path / "out"
     p = batch.plan(album, out, {"steps": 1}, "*.png", recursive=True, fmt="webp", suffix="_x4")
     assert [(s.relative_to(album).as_posix(), d.relative_to(out).as_posix()) for s, d in p.todo] == [
-        ("A.PNG", "A_x4.webp"), ("sub/c.png", "sub/c_x4.webp")]
+        ("A.PNG", "A_x4.webp"),
+        ("sub/c.png", "sub/c_x4.webp"),
+    ]
     shares = [batch.plan(album, out, {}, recursive=True, rank=r, world=2).jobs for r in (0, 1)]
     assert sorted(shares[0] + shares[1]) == batch.plan(album, out, {}, recursive=True).jobs
     assert not set(shares[0]) & set(shares[1])
@@ -98,7 +105,7 @@ def test_records_last_line_wins_and_a_torn_line_is_skipped(tmp_path):
     batch.record(tmp_path, tmp_path / "a.png", {"steps": 1})
     batch.record(tmp_path, tmp_path / "a.png", {"steps": 2})
     with open(tmp_path / batch.RECORD, "a") as f:
-        f.write('{"output": "b.png", "sett')   # killed mid-append
+        f.write('{"output": "b.png", "sett')  # killed mid-append
     assert batch.read_records(tmp_path) == {"a.png": {"steps": 2}}
 
 
@@ -111,6 +118,7 @@ def test_output_suffix_must_agree_with_the_format(tmp_path):
 
 
 # ------------------------------------------------------------------ output scale
+
 
 @pytest.mark.parametrize("scale,size", [(2, (48, 64)), (3.5, (84, 112)), (0.5, (12, 16)), (1 / 3, (8, 11))])
 def test_output_size_is_the_input_times_the_scale(scale, size):
@@ -129,16 +137,23 @@ def test_resize_is_exact_and_antialiased_lanczos_on_float_pixels():
     mse = float(((back.rgb - pic.rgb) ** 2).mean())
     assert 10 * np.log10(1 / mse) > 30, mse
     ref = np.asarray(to_pil(big).convert("RGB").resize((40, 32), Image.Resampling.LANCZOS), dtype=np.float32) / 255
-    assert np.abs(back.rgb.permute(1, 2, 0).numpy() - ref).mean() < 1 / 255   # Pillow's own filter, on 8 bits
+    assert np.abs(back.rgb.permute(1, 2, 0).numpy() - ref).mean() < 1 / 255  # Pillow's own filter, on 8 bits
     assert batch.resize(pic, pic.size) is pic
 
 
 def test_upscale_file_with_a_scale_writes_exactly_that_size(up, tmp_path):
     small_photo("chelsea", (30, 20)).save(tmp_path / "cat.png")
     sizes = []
-    out = batch.upscale_file(up, tmp_path / "cat.png", tmp_path / "x2.jpg", UpscaleSettings(), scale=2, fmt=None,
-                             on_read=lambda pic: sizes.append(pic.size))
+    out = batch.upscale_file(
+        up,
+        tmp_path / "cat.png",
+        tmp_path / "x2.jpg",
+        UpscaleSettings(),
+        scale=2,
+        fmt=None,
+        on_read=lambda pic: sizes.append(pic.size),
+    )
     assert sizes == [(20, 30)] and out.size == (40, 60) and read_image(tmp_path / "x2.jpg").size == (40, 60)
     x4 = batch.upscale_file(up, tmp_path / "cat.png", tmp_path / "x4.png", UpscaleSettings(), scale=4)
     direct = up.upscale_tensor(read_image(tmp_path / "cat.png").rgb[None], UpscaleSettings())[0]
-    assert torch.equal(x4.rgb, direct.clamp(0, 1))   # scale 4 is the model's own result, untouched
+    assert torch.equal(x4.rgb, direct.clamp(0, 1))  # scale 4 is the model's own result, untouched

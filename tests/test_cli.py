@@ -43,11 +43,15 @@ def cat(tmp_path):
 
 def snapshot(folder: Path) -> dict:
     """{relative path: (bytes, mtime_ns)} of every file under folder but a batch's settings record."""
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != RECORD}
+    return {
+        p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != RECORD
+    }
 
 
 # ------------------------------------------------------------------ upscale
+
 
 @pytest.mark.parametrize("name", ["cat.png", "cat.jpg"])
 def test_upscale_writes_a_four_times_image(cli, cat, name):
@@ -68,7 +72,7 @@ def test_upscale_fidelity_makes_the_output_downscale_back_to_the_input(cli, cat)
         result = cli("upscale", cat / "cat.png", "--steps", "2", "--fidelity", fid, "-o", cat / f"f{fid}.png")
         assert result.exit_code == 0, result.output
         err[fid] = float((downscale(to_tensor(Image.open(cat / f"f{fid}.png")), 4) - lq).abs().mean())
-    assert err["0.5"] < err["0"] / 3, err       # the tiny test model alone drifts far from its input
+    assert err["0.5"] < err["0"] / 3, err  # the tiny test model alone drifts far from its input
 
 
 def test_upscale_output_path_and_format(cli, cat):
@@ -114,16 +118,24 @@ def _truncated_jpeg(folder: Path) -> Path:
     return folder / "cut.jpg"
 
 
-@pytest.mark.parametrize("case,words", [
-    ("missing", ["no such file"]),
-    ("text-as-jpg", ["not an image"]),
-    ("truncated", ["corrupt or truncated"]),
-    ("empty", ["empty"]),
-    ("folder", ["not a file"]),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("missing", ["no such file"]),
+        ("text-as-jpg", ["not an image"]),
+        ("truncated", ["corrupt or truncated"]),
+        ("empty", ["empty"]),
+        ("folder", ["not a file"]),
+    ],
+)
 def test_unreadable_inputs_give_one_line_and_write_nothing(cli, tmp_path, case, words):
-    src = {"missing": tmp_path / "nope.jpg", "text-as-jpg": tmp_path / "notes.jpg", "truncated": None,
-           "empty": tmp_path / "empty.png", "folder": tmp_path / "dir.png"}[case]
+    src = {
+        "missing": tmp_path / "nope.jpg",
+        "text-as-jpg": tmp_path / "notes.jpg",
+        "truncated": None,
+        "empty": tmp_path / "empty.png",
+        "folder": tmp_path / "dir.png",
+    }[case]
     if case == "text-as-jpg":
         src.write_text("this is not a photo\n")
     elif case == "truncated":
@@ -134,16 +146,19 @@ def test_unreadable_inputs_give_one_line_and_write_nothing(cli, tmp_path, case, 
         src.mkdir()
     before = snapshot(tmp_path)
     assert_one_line_error(cli("upscale", src), *words)
-    assert snapshot(tmp_path) == before                              # no output, no temp file
+    assert snapshot(tmp_path) == before  # no output, no temp file
 
 
-@pytest.mark.parametrize("args,words", [
-    (["--model", "no-such-model"], ["unknown model", "no-such-model"]),
-    (["--model", "./missing-folder"], ["does not exist"]),
-    (["-o", "missing-dir/out.png"], ["does not exist"]),
-    (["-o", "out.gif"], ["unknown output suffix"]),
-    (["-o", "out.png", "-f", "jpg"], ["another format", "out.jpg"]),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--model", "no-such-model"], ["unknown model", "no-such-model"]),
+        (["--model", "./missing-folder"], ["does not exist"]),
+        (["-o", "missing-dir/out.png"], ["does not exist"]),
+        (["-o", "out.gif"], ["unknown output suffix"]),
+        (["-o", "out.png", "-f", "jpg"], ["another format", "out.jpg"]),
+    ],
+)
 def test_bad_options_give_one_line_errors(cli, cat, tiny_model_dir, args, words, monkeypatch):
     monkeypatch.chdir(cat)
     model = "--model" not in args
@@ -165,6 +180,7 @@ def test_models_lists_the_default(cli):
 
 # ------------------------------------------------------------------ batch
 
+
 @pytest.fixture
 def album(tmp_path):
     """photos/ with a.png, b.jpg, notes.txt, bad.png (corrupt) and sub/c.png: real photos, small."""
@@ -184,13 +200,13 @@ def test_batch_recursive_keeps_tree_reports_corrupt_file_and_resumes(cli, album,
     assert result.exit_code == 1, result.output
     assert "bad.png" in result.output and "Traceback" not in result.output
     files = snapshot(out)
-    assert sorted(map(str, files)) == ["a.png", "b.jpg", "sub/c.png"]   # no temp files, nothing for bad.png
+    assert sorted(map(str, files)) == ["a.png", "b.jpg", "sub/c.png"]  # no temp files, nothing for bad.png
     for rel, size in [("a.png", (96, 64)), ("b.jpg", (80, 64)), ("sub/c.png", (64, 64))]:
         with Image.open(out / rel) as img:
             assert img.size == size
     again = cli("batch", album, "-o", out, "-r")
     assert again.exit_code == 1 and "bad.png" in again.output
-    assert snapshot(out) == files                     # finished outputs skipped: same bytes, same mtimes
+    assert snapshot(out) == files  # finished outputs skipped: same bytes, same mtimes
     assert "skipped" in again.output
 
 
@@ -216,7 +232,7 @@ def test_batch_glob_and_non_recursive(cli, album, tmp_path):
     assert sorted(map(str, snapshot(tmp_path / "jpg"))) == ["b.jpg"]
     result = cli("batch", album, "-o", tmp_path / "png", "--glob", "*.png")
     assert result.exit_code == 1 and "bad.png" in result.output
-    assert sorted(map(str, snapshot(tmp_path / "png"))) == ["a.png"]     # no -r: sub/ left alone
+    assert sorted(map(str, snapshot(tmp_path / "png"))) == ["a.png"]  # no -r: sub/ left alone
 
 
 def test_batch_default_output_folder_and_format(cli, album):
@@ -225,11 +241,14 @@ def test_batch_default_output_folder_and_format(cli, album):
     assert sorted(map(str, snapshot(album.with_name("photos_x4")))) == ["a.png", "b.png", "sub/c.png"]
 
 
-@pytest.mark.parametrize("case,words", [
-    ("missing", ["no such folder"]),
-    ("same", ["input folder"]),
-    ("nothing", ["no images matching"]),
-])
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("missing", ["no such folder"]),
+        ("same", ["input folder"]),
+        ("nothing", ["no images matching"]),
+    ],
+)
 def test_batch_refusals(cli, album, tmp_path, case, words):
     args = {"missing": [tmp_path / "nope"], "same": [album, "-o", album], "nothing": [album, "--glob", "*.gif"]}[case]
     before = snapshot(tmp_path)
@@ -239,10 +258,17 @@ def test_batch_refusals(cli, album, tmp_path, case, words):
 
 # ------------------------------------------------------------------ a real process
 
+
 def _teasr(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"}
-    return subprocess.run([sys.executable, "-m", "teasr_cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "teasr_cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_real_process_upscales_and_fails_cleanly(cat, tiny_model_dir):
@@ -277,7 +303,7 @@ def test_upscale_without_model_uses_the_shipped_weights_and_beats_bicubic(tmp_pa
     with torch.no_grad():
         lpips = LPIPS(net="alex").eval()
         ours, base = (lpips(to_tensor(x), to_tensor(hr)).item() for x in (sr, bic))
-    assert ours < base - 0.05, (ours, base)   # measured 0.23 vs 0.38
+    assert ours < base - 0.05, (ours, base)  # measured 0.23 vs 0.38
 
 
 def test_shipped_weights_with_fidelity_keep_a_clean_input_within_a_db_of_bicubic():
@@ -296,11 +322,12 @@ def test_shipped_weights_with_fidelity_keep_a_clean_input_within_a_db_of_bicubic
         lpips = LPIPS(net="alex").eval()
         blind, fid = (up.upscale_tensor(to_tensor(lr), UpscaleSettings(fidelity=f)) for f in (0.0, 0.5))
         psnr = {k: psnr_y(x, hr).item() for k, x in (("bic", bic), ("blind", blind), ("fid", fid))}
-        assert psnr["fid"] > psnr["bic"] - 0.5 and psnr["fid"] > psnr["blind"] + 1, psnr   # measured 29.1 / 28.7 / 26.3
-        assert lpips(fid, hr).item() < lpips(bic, hr).item() - 0.1                            # measured 0.23 vs 0.38
+        assert psnr["fid"] > psnr["bic"] - 0.5 and psnr["fid"] > psnr["blind"] + 1, psnr  # measured 29.1 / 28.7 / 26.3
+        assert lpips(fid, hr).item() < lpips(bic, hr).item() - 0.1  # measured 0.23 vs 0.38
 
 
 # ------------------------------------------------------------------ conventions (issue 22)
+
 
 def test_version_short_help_and_choices_in_help(cli):
     from teasr_cli import __version__
@@ -310,8 +337,14 @@ def test_version_short_help_and_choices_in_help(cli):
         assert result.exit_code == 0 and result.output.strip() == f"teasr {__version__}"
     assert cli("-h", model=False).exit_code == 0
     text = CliRunner().invoke(app, ["upscale", "-h"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"}).output
-    for choices in ("wavelet|adain|none", "auto|fp32|bf16|fp16", "none|model|sequential", "png|jpg|jpeg|webp",
-                    "auto|cpu|cuda|cuda:N|mps", "org/name[@revision]"):
+    for choices in (
+        "wavelet|adain|none",
+        "auto|fp32|bf16|fp16",
+        "none|model|sequential",
+        "png|jpg|jpeg|webp",
+        "auto|cpu|cuda|cuda:N|mps",
+        "org/name[@revision]",
+    ):
         assert choices in text, choices
     bad = cli("upscale", "x.png", "--color-fix", "sepia")
     assert bad.exit_code == 2 and "'sepia' is not one of" in " ".join(bad.output.split())
@@ -326,11 +359,14 @@ def test_shell_completion_completes_commands(tmp_path):
     assert done.stdout.split() == ["upscale"], done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("args,name,size", [
-    (["-s", "2"], "cat_x2.png", (64, 48)),
-    (["--scale", "3.5", "--suffix", "-big"], "cat-big.png", (112, 84)),
-    (["-s", "0.5", "-f", "jpg"], "cat_x0.5.jpg", (16, 12)),
-])
+@pytest.mark.parametrize(
+    "args,name,size",
+    [
+        (["-s", "2"], "cat_x2.png", (64, 48)),
+        (["--scale", "3.5", "--suffix", "-big"], "cat-big.png", (112, 84)),
+        (["-s", "0.5", "-f", "jpg"], "cat_x0.5.jpg", (16, 12)),
+    ],
+)
 def test_scale_gives_exactly_that_size_and_the_summary_line(cli, cat, args, name, size):
     result = cli("upscale", cat / "cat.png", *args)
     assert result.exit_code == 0, result.output
@@ -363,7 +399,7 @@ def test_batch_rerun_with_other_settings_warns_and_keeps_then_overwrite_redoes(c
     made = snapshot(out)
     resumed = cli(*args)
     assert resumed.exit_code == 0 and "warning" not in resumed.output and snapshot(out) == made
-    assert "0/0" not in resumed.output and "eta" not in resumed.output   # nothing to do: no empty bar
+    assert "0/0" not in resumed.output and "eta" not in resumed.output  # nothing to do: no empty bar
     other = cli(*args, "--steps", "2")
     text = " ".join(other.output.split())
     assert other.exit_code == 0 and "warning: 2 output(s)" in text and "steps 1 -> 2" in text, other.output
@@ -371,7 +407,7 @@ def test_batch_rerun_with_other_settings_warns_and_keeps_then_overwrite_redoes(c
     redo = cli(*args, "--steps", "2", "--overwrite")
     assert redo.exit_code == 0 and re.search(r"upscaled\s*│\s*2 ", redo.output), redo.output
     assert snapshot(out).keys() == made.keys() and snapshot(out) != made
-    assert "warning" not in cli(*args, "--steps", "2").output     # the record now says steps 2
+    assert "warning" not in cli(*args, "--steps", "2").output  # the record now says steps 2
 
 
 def test_batch_glob_ignores_the_case_of_extensions(cli, tmp_path):
@@ -396,9 +432,27 @@ def test_ctrl_c_in_a_terminal_says_interrupted_exits_130_and_leaves_nothing(tmp_
     before = snapshot(tmp_path)
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100", "TERM": "xterm"}
-    proc = subprocess.Popen([sys.executable, "-m", "teasr_cli", "upscale", "a.png", "--model", tiny_model_dir,
-                             "--steps", "8", "--tile", "8", *FAST], cwd=tmp_path, env=env,
-                            stdin=slave, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teasr_cli",
+            "upscale",
+            "a.png",
+            "--model",
+            tiny_model_dir,
+            "--steps",
+            "8",
+            "--tile",
+            "8",
+            *FAST,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
     os.close(slave)
     seen, sent, ansi = b"", False, re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
     try:
@@ -408,7 +462,7 @@ def test_ctrl_c_in_a_terminal_says_interrupted_exits_130_and_leaves_nothing(tmp_
                 break
             try:
                 chunk = os.read(master, 4096)
-            except OSError:   # the process has ended
+            except OSError:  # the process has ended
                 break
             if not chunk:
                 break
@@ -423,8 +477,8 @@ def test_ctrl_c_in_a_terminal_says_interrupted_exits_130_and_leaves_nothing(tmp_
     assert "interrupted" in text and "Traceback" not in text, text
     totals = {int(n) for n in re.findall(r" \d+/(\d+) ", text)}
     up = Upscaler.from_pretrained(tiny_model_dir, device="cpu", progress=False)
-    assert totals == {up.work(160, 192, UpscaleSettings(steps=8, tile=8))}, text   # 9 passes (anchor) x tiles
-    assert snapshot(tmp_path) == before                              # no output, no temp file
+    assert totals == {up.work(160, 192, UpscaleSettings(steps=8, tile=8))}, text  # 9 passes (anchor) x tiles
+    assert snapshot(tmp_path) == before  # no output, no temp file
 
 
 @pytest.fixture(scope="module")
@@ -435,15 +489,40 @@ def run_dir(tmp_path_factory):
     for name in ("astronaut", "chelsea", "coffee"):
         small_photo(name, (64, 48)).save(root / f"{name}.png")
     recipe = root / "tiny.toml"
-    recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
-                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
-                      'batch_size = 1\n[stages.prior]\nlr = 1e-3\n')
+    recipe.write_text(
+        "model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n"
+        'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
+        "batch_size = 1\n[stages.prior]\nlr = 1e-3\n"
+    )
     run = root / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(root / "hf")}   # no user accelerate config
-    result = subprocess.run([accelerate, "launch", "-m", "teasr_cli", "train", "-c", recipe, "--data", root, "--out",
-                             run, "--steps", "1", "--crop", "32", "--threads", "1"], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(root / "hf")}  # no user accelerate config
+    result = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "-m",
+            "teasr_cli",
+            "train",
+            "-c",
+            recipe,
+            "--data",
+            root,
+            "--out",
+            run,
+            "--steps",
+            "1",
+            "--crop",
+            "32",
+            "--threads",
+            "1",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "done: model in" in result.stderr, result.stderr
     assert (run / "ckpt-0000001").is_dir()
     return run
@@ -455,7 +534,7 @@ def test_export_refuses_to_replace_a_folder_without_overwrite(cli, run_dir, tmp_
     assert ok.exit_code == 0 and "fp32 weights" in ok.output and "--half" in ok.output, ok.output
     weights = (dst / "model.safetensors").read_bytes()
     card = (dst / "README.md").read_text()
-    front = card.split("---\n")[1]   # the Hub's metadata header
+    front = card.split("---\n")[1]  # the Hub's metadata header
     assert 'license: "apache-2.0"' in front and 'library_name: "teasr"' in front and '"super-resolution"' in front
     assert '"crop": 32' in card and "stage `prior`" in card and "fp32 weights" in card
     assert_one_line_error(cli("export", run_dir, "-o", dst, "--half", model=False), "exists", "--overwrite")
@@ -478,8 +557,9 @@ def test_fid_is_in_the_default_metrics_only_from_a_few_hundred_images():
 def test_model_card_names_the_hub_base_model_only_when_there_is_one():
     from teasr_cli.card import model_card
 
-    assert 'base_model: "Qwen/Qwen-Image-2512"' in model_card("m", {"backbone": "qwen-image",
-                                                                     "base": "Qwen/Qwen-Image-2512@abc"})
+    assert 'base_model: "Qwen/Qwen-Image-2512"' in model_card(
+        "m", {"backbone": "qwen-image", "base": "Qwen/Qwen-Image-2512@abc"}
+    )
     assert 'base_model: "org/prior"' in model_card("m", {"backbone": "native", "init": "org/prior@v1"})
     assert "base_model" not in model_card("m", {"backbone": "native", "init": None})
 
@@ -498,15 +578,16 @@ def test_push_uploads_an_exported_folder_that_then_loads_from_the_hub(cli, run_d
         pushed = cli("push", dst, "org/new", model=False)
         assert pushed.exit_code == 0 and f"{endpoint}/org/new/commit/" in pushed.output, pushed.output
         sha = hub.commit("org/new")
-        assert set(hub.commits["org/new"][sha]) == {".gitattributes", *MODEL_FILES, "README.md"}   # no notes.txt
+        assert set(hub.commits["org/new"][sha]) == {".gitattributes", *MODEL_FILES, "README.md"}  # no notes.txt
         up = Upscaler.from_pretrained("org/new", device="cpu", progress=False)
         assert up.folder.name == sha
         for name in (*MODEL_FILES, "README.md"):
             assert (up.folder / name).read_bytes() == (dst / name).read_bytes(), name
         (dst / "README.md").write_text((dst / "README.md").read_text() + "\nMore words.\n")
-        assert cli("push", dst, "org/new", "-m", "card", model=False).exit_code == 0   # the repo exists: a commit
+        assert cli("push", dst, "org/new", "-m", "card", model=False).exit_code == 0  # the repo exists: a commit
         assert hub.commit("org/new") != sha and hub.commits["org/new"][hub.commit("org/new")]["README.md"].endswith(
-            b"More words.\n")
+            b"More words.\n"
+        )
         assert_one_line_error(cli("push", tmp_path, "org/new", model=False), "has no config.json")
         assert_one_line_error(cli("push", dst, "not a repo", model=False), "malformed Hub repo id")
 
@@ -519,12 +600,31 @@ def test_prepare_photos_takes_any_folder_of_photos(tmp_path):
     small_photo("chelsea", (300, 200)).save(src / "cat.png")
     small_photo("coffee", (600, 560)).save(src / "cup.png")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, ROOT / "train" / "prepare_photos.py", "--from", src, "--out", tmp_path / "out",
-                        "--val-every", "3"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            ROOT / "train" / "prepare_photos.py",
+            "--from",
+            src,
+            "--out",
+            tmp_path / "out",
+            "--val-every",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
-    assert files == ["train/cat.png", "train/cup.png", "val/sub_big.png", "val_hr/sub_big_0.png",
-                     "val_hr/sub_big_1.png"]
+    assert files == [
+        "train/cat.png",
+        "train/cup.png",
+        "val/sub_big.png",
+        "val_hr/sub_big_0.png",
+        "val_hr/sub_big_1.png",
+    ]
     assert Image.open(tmp_path / "out" / "val" / "sub_big.png").size == (600, 550)
     assert Image.open(tmp_path / "out" / "train" / "cup.png").size == (600, 560)
 
@@ -535,8 +635,10 @@ def test_cli_choices_agree_with_the_library():
     from teasr_cli.imageio import SUFFIX_FORMATS
     from teasr_cli.pipeline import COLOR_FIXES, DTYPES
 
-    values = {name: [m.value for m in enum] for name, enum in
-              (("color", c.ColorFix), ("dtype", c.DType), ("offload", c.Offload), ("format", c.ImageFormat))}
+    values = {
+        name: [m.value for m in enum]
+        for name, enum in (("color", c.ColorFix), ("dtype", c.DType), ("offload", c.Offload), ("format", c.ImageFormat))
+    }
     assert values["color"] == list(COLOR_FIXES) and values["dtype"] == ["auto", *DTYPES]
     assert values["offload"] == list(OFFLOAD_MODES)
     assert sorted("." + f for f in values["format"]) == sorted(SUFFIX_FORMATS)

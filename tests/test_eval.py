@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error, small_photo, to_tensor
+from hubserver import point_hub_at, serve_hub
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error, small_photo, to_tensor
-from hubserver import point_hub_at, serve_hub
 from teasr_cli import benchsets
 from teasr_cli import evaluation as ev
 from teasr_cli.benchsets import DatasetError, pair_folders
@@ -53,8 +53,10 @@ def save_photos(folder: Path, size=(64, 64), names=PHOTOS, fmt="{}.png") -> Path
 
 def strict_json(path: Path):
     """json.loads that refuses the non-standard Infinity/NaN tokens."""
+
     def refuse(token):
         raise AssertionError(f"{path.name} holds the non-JSON token {token}")
+
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
@@ -79,6 +81,7 @@ def counted(name, fn, config=None):
     def run(lq):
         calls.append(1)
         return fn(lq)
+
     return ev.Method(name, run, None, config or {}), calls
 
 
@@ -88,16 +91,40 @@ def nearest(lq):
 
 # ------------------------------------------------------------------ CLI end to end
 
+
 def test_cli_end_to_end_on_degraded_real_photos(cli, tmp_path):
     hq = save_photos(tmp_path / "hq")
     out = tmp_path / "out"
-    result = cli("--hq", hq, "--degrade", "bicubic", "--steps", "1,2", "--baseline", "bicubic,lanczos",
-                 "--metrics", ALL_METRICS, "--out", out)
+    result = cli(
+        "--hq",
+        hq,
+        "--degrade",
+        "bicubic",
+        "--steps",
+        "1,2",
+        "--baseline",
+        "bicubic,lanczos",
+        "--metrics",
+        ALL_METRICS,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     text = result.output
-    for word in ("PSNR", "SSIM", "LPIPS", "DISTS", "NIQE", "FID", "teasr 1 step", "teasr 2 steps", "bicubic", "lanczos"):
+    for word in (
+        "PSNR",
+        "SSIM",
+        "LPIPS",
+        "DISTS",
+        "NIQE",
+        "FID",
+        "teasr 1 step",
+        "teasr 2 steps",
+        "bicubic",
+        "lanczos",
+    ):
         assert word in text, text
-    assert "fid: n/a" in text and "niqe: n/a" in text   # unavailable metrics are said so, with a reason
+    assert "fid: n/a" in text and "niqe: n/a" in text  # unavailable metrics are said so, with a reason
 
     res = strict_json(out / "results.json")
     names = [m["name"] for m in res["methods"]]
@@ -108,7 +135,9 @@ def test_cli_end_to_end_on_degraded_real_photos(cli, tmp_path):
     for m in res["methods"]:
         means = m["means"]
         assert 5 < means["psnr"] < 60 and 0 < means["ssim"] <= 1 and means["lpips"] >= 0 and means["dists"] >= 0
-        assert means["fid"] is None and means["niqe"] is None   # no Inception weights; 64x64 is below NIQE's 96x96 blocks
+        assert (
+            means["fid"] is None and means["niqe"] is None
+        )  # no Inception weights; 64x64 is below NIQE's 96x96 blocks
     assert "FID unavailable" in res["unavailable"]["fid"] and "too small" in res["unavailable"]["niqe"]
     assert set(res["per_image"]["bicubic"]) == set(PHOTOS)
     # bicubic is a faithful (if blurry) baseline: on a bicubic-downscaled photo it beats nothing by much,
@@ -132,9 +161,9 @@ def test_cli_rerun_resumes_and_reuses_valid_rows(cli, tmp_path):
     args = ("--hq", hq, "--degrade", "mild", "--metrics", "psnr,ssim", "--out", out)
     assert cli(*args, "--steps", "1").exit_code == 0
     first = strict_json(out / "results.json")
-    result = cli(*args, "--steps", "1,2")          # only "teasr 2 steps" is new
+    result = cli(*args, "--steps", "1,2")  # only "teasr 2 steps" is new
     assert result.exit_code == 0, result.output
-    assert "6 of 8 results resumed" in result.output   # 2 images x (teasr 1 step, bicubic, lanczos)
+    assert "6 of 8 results resumed" in result.output  # 2 images x (teasr 1 step, bicubic, lanczos)
     second = strict_json(out / "results.json")
     assert second["methods"][0] == first["methods"][0] and second["methods"][2:] == first["methods"][1:]
     assert len((out / ev.PER_IMAGE).read_text().splitlines()) == 8
@@ -146,8 +175,23 @@ def test_cli_rerun_resumes_and_reuses_valid_rows(cli, tmp_path):
 def test_cli_save_images_and_limit(cli, tmp_path):
     hq = save_photos(tmp_path / "hq")
     out = tmp_path / "out"
-    result = cli("--hq", hq, "--degrade", "bicubic", "--steps", "1", "--baseline", "none", "--metrics", "psnr",
-                 "--limit", "2", "--save-images", "--out", out)
+    result = cli(
+        "--hq",
+        hq,
+        "--degrade",
+        "bicubic",
+        "--steps",
+        "1",
+        "--baseline",
+        "none",
+        "--metrics",
+        "psnr",
+        "--limit",
+        "2",
+        "--save-images",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     saved = sorted(p.name for p in (out / "images" / "teasr_1_step").iterdir())
     assert saved == ["astronaut.png", "chelsea.png"]
@@ -157,6 +201,7 @@ def test_cli_save_images_and_limit(cli, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input: one-line errors
+
 
 def _mismatched(tmp_path):
     save_photos(tmp_path / "lq", (16, 16), names=("astronaut", "chelsea"))
@@ -178,22 +223,34 @@ def _empty(tmp_path):
     return "--lq", tmp_path / "lq", "--hq", tmp_path / "hq"
 
 
-@pytest.mark.parametrize("make,words", [
-    (lambda t: ("--lq", t / "nope", "--hq", save_photos(t / "hq")), ["LQ folder", "nope", "does not exist"]),
-    (_empty, ["LQ folder", "has no images"]),
-    (_mismatched, ["do not match", "chelsea.png", "coffee.png"]),
-    (_wrong_ratio, ["exactly 4x", "chelsea (LQ 16x16, HQ 48x64)"]),
-    (lambda t: ("--lq", save_photos(t / "lq"),), ["--lq needs --hq"]),
-    (lambda t: (), ["--dataset NAME", "--lq DIR --hq DIR", "--degrade PRESET"]),
-    (lambda t: ("--hq", save_photos(t / "hq")), ["--degrade"]),
-    (lambda t: ("--hq", save_photos(t / "hq"), "--degrade", "blurry"), ["unknown --degrade", "realesrgan"]),
-    (lambda t: ("--dataset", "set14"), ["unknown dataset", "realsr", "div2k-val"]),
-    (lambda t: ("--dataset", "realsr", "--hq", t), ["cannot be combined"]),
-    (lambda t: ("--hq", t, "--degrade", "bicubic", "--steps", "1,x"), ["--steps", "whole numbers"]),
-    (lambda t: ("--hq", t, "--degrade", "bicubic", "--steps", "0"), ["--steps", "at least 1"]),
-    (lambda t: ("--hq", t, "--degrade", "bicubic", "--metrics", "psnr,musiq"), ["unknown metric", "musiq", "lpips"]),
-    (lambda t: ("--hq", t, "--degrade", "bicubic", "--baseline", "nearest"), ["unknown baseline", "lanczos"]),
-])
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (lambda t: ("--lq", t / "nope", "--hq", save_photos(t / "hq")), ["LQ folder", "nope", "does not exist"]),
+        (_empty, ["LQ folder", "has no images"]),
+        (_mismatched, ["do not match", "chelsea.png", "coffee.png"]),
+        (_wrong_ratio, ["exactly 4x", "chelsea (LQ 16x16, HQ 48x64)"]),
+        (
+            lambda t: (
+                "--lq",
+                save_photos(t / "lq"),
+            ),
+            ["--lq needs --hq"],
+        ),
+        (lambda t: (), ["--dataset NAME", "--lq DIR --hq DIR", "--degrade PRESET"]),
+        (lambda t: ("--hq", save_photos(t / "hq")), ["--degrade"]),
+        (lambda t: ("--hq", save_photos(t / "hq"), "--degrade", "blurry"), ["unknown --degrade", "realesrgan"]),
+        (lambda t: ("--dataset", "set14"), ["unknown dataset", "realsr", "div2k-val"]),
+        (lambda t: ("--dataset", "realsr", "--hq", t), ["cannot be combined"]),
+        (lambda t: ("--hq", t, "--degrade", "bicubic", "--steps", "1,x"), ["--steps", "whole numbers"]),
+        (lambda t: ("--hq", t, "--degrade", "bicubic", "--steps", "0"), ["--steps", "at least 1"]),
+        (
+            lambda t: ("--hq", t, "--degrade", "bicubic", "--metrics", "psnr,musiq"),
+            ["unknown metric", "musiq", "lpips"],
+        ),
+        (lambda t: ("--hq", t, "--degrade", "bicubic", "--baseline", "nearest"), ["unknown baseline", "lanczos"]),
+    ],
+)
 def test_bad_inputs_give_one_line_errors(cli, tmp_path, make, words):
     args = make(tmp_path)
     assert_one_line_error(cli(*args, "--out", tmp_path / "out"), *words)
@@ -209,20 +266,29 @@ def test_a_failing_method_keeps_finished_rows_and_says_how_to_resume(cli, tmp_pa
         m = real(name, scale)
         if name == "lanczos":
             seen = []
-            m.fn = lambda lq: seen.append(1) or (lq if len(seen) > 1 else real(name).fn(lq))   # wrong size on image 2
+            m.fn = lambda lq: seen.append(1) or (lq if len(seen) > 1 else real(name).fn(lq))  # wrong size on image 2
         return m
+
     monkeypatch.setattr(ev, "baseline", flaky)
     result = cli("--hq", hq, "--degrade", "bicubic", "--steps", "1", "--metrics", "psnr", "--out", out)
     assert_one_line_error(result, "method 'lanczos' returned", "chelsea", "run again to resume")
-    assert len((out / ev.PER_IMAGE).read_text().splitlines()) == 3 + 2   # image 1: all 3 methods; image 2: teasr, bicubic
+    assert (
+        len((out / ev.PER_IMAGE).read_text().splitlines()) == 3 + 2
+    )  # image 1: all 3 methods; image 2: teasr, bicubic
 
 
 # ------------------------------------------------------------------ evaluate(): values, resume
 
+
 def test_identical_images_give_inf_psnr_ssim_one_lpips_zero(tmp_path):
     pairs = [MemPair("astronaut"), MemPair("coffee")]
-    res = ev.evaluate(pairs, {"nearest": nearest, "bicubic": ev.baseline("bicubic")}, ["psnr", "ssim", "lpips", "dists"],
-                      tmp_path, config={"dataset": "identical"})
+    res = ev.evaluate(
+        pairs,
+        {"nearest": nearest, "bicubic": ev.baseline("bicubic")},
+        ["psnr", "ssim", "lpips", "dists"],
+        tmp_path,
+        config={"dataset": "identical"},
+    )
     same = res.means["nearest"]
     assert same["psnr"] == float("inf") and same["ssim"] == pytest.approx(1.0, abs=1e-12)
     assert same["lpips"] == pytest.approx(0.0, abs=1e-6) and same["dists"] == pytest.approx(0.0, abs=1e-5)
@@ -244,9 +310,10 @@ def test_psnr_matches_an_independent_computation(tmp_path, crop):
     sr = ev.baseline("lanczos").fn(pair.lq)[0].double().numpy()
     hq = pair.hq[0].double().numpy()
 
-    def y(x):   # BT.601 luma on the [16, 235] scale, as SR papers
+    def y(x):  # BT.601 luma on the [16, 235] scale, as SR papers
         x = 16 + 65.481 * x[0] + 128.553 * x[1] + 24.966 * x[2]
         return x[crop:-crop, crop:-crop] if crop else x
+
     expected = peak_signal_noise_ratio(y(hq), y(sr), data_range=255)
     assert res.per_image["lanczos"]["chelsea"]["psnr"] == pytest.approx(expected, rel=1e-9)
 
@@ -255,9 +322,9 @@ def test_baselines_upscale_without_rounding_and_differ():
     lq = to_tensor(small_photo("coffee", (24, 20)))
     bic, lan = ev.baseline("bicubic").fn(lq), ev.baseline("lanczos").fn(lq)
     assert bic.shape == lan.shape == (1, 3, 80, 96)
-    assert not torch.equal(bic, lan) and (bic * 255 - (bic * 255).round()).abs().max() > 0.01   # float, not 8-bit
+    assert not torch.equal(bic, lan) and (bic * 255 - (bic * 255).round()).abs().max() > 0.01  # float, not 8-bit
     ref = to_tensor(small_photo("coffee", (24, 20)).resize((96, 80), Image.Resampling.BICUBIC))
-    diff = (bic - ref).abs()   # Pillow's 8-bit bicubic rounds (and clips overshoot) between its two passes
+    diff = (bic - ref).abs()  # Pillow's 8-bit bicubic rounds (and clips overshoot) between its two passes
     assert diff.mean() < 0.5 / 255 and diff.max() < 8 / 255
     with pytest.raises(ev.EvalError, match="unknown baseline"):
         ev.baseline("nearest")
@@ -278,10 +345,10 @@ def test_resume_recomputes_only_missing_items(tmp_path):
     loads = [p.loads for p in pairs]
     second = ev.evaluate(pairs, [m1, m2], ["psnr", "ssim"], tmp_path, config={"data": "mem"})
     assert len(calls1) + len(calls2) == 3 and second.computed == 3
-    assert [p.loads - n for p, n in zip(pairs, loads)] == [0, 1, 1]   # image 1 was complete: not even loaded
+    assert [p.loads - n for p, n in zip(pairs, loads)] == [0, 1, 1]  # image 1 was complete: not even loaded
     assert second.means == first.means and second.per_image == first.per_image
     assert (tmp_path / "results.json").exists()
-    assert all(json.loads(line) for line in log.read_text().splitlines())   # the partial line is gone
+    assert all(json.loads(line) for line in log.read_text().splitlines())  # the partial line is gone
     # a third run computes nothing; a method whose config changed is recomputed
     calls1.clear(), calls2.clear()
     assert ev.evaluate(pairs, [m1, m2], ["psnr", "ssim"], tmp_path, config={"data": "mem"}).computed == 0
@@ -310,7 +377,7 @@ def test_fid_with_weights_is_computed_and_resumes(tmp_path, monkeypatch):
     pairs = [MemPair("astronaut", (20, 20)), MemPair("chelsea", (20, 20))]
     m, calls = counted("nearest", nearest)
     res = ev.evaluate(pairs, [m, ev.baseline("bicubic")], ["psnr", "fid"], tmp_path / "out")
-    assert res.means["nearest"]["fid"] == pytest.approx(0.0, abs=1e-3)   # identical sets
+    assert res.means["nearest"]["fid"] == pytest.approx(0.0, abs=1e-3)  # identical sets
     assert res.means["bicubic"]["fid"] > 0.1 and "fid" not in res.unavailable
     assert len(list((tmp_path / "out" / "fid_features").rglob("*.npy"))) == 3 * 2
     calls.clear()
@@ -319,7 +386,7 @@ def test_fid_with_weights_is_computed_and_resumes(tmp_path, monkeypatch):
 
 
 def test_unavailable_metrics_are_never_filled_in(tmp_path):
-    pairs = [MemPair("astronaut", (16, 16))]   # 64x64: too small for NIQE; one image: FID has no covariance
+    pairs = [MemPair("astronaut", (16, 16))]  # 64x64: too small for NIQE; one image: FID has no covariance
     res = ev.evaluate(pairs, {"nearest": nearest}, ["psnr", "niqe", "fid"], tmp_path)
     assert res.means["nearest"]["niqe"] is None and res.means["nearest"]["fid"] is None
     assert "too small" in res.unavailable["niqe"] and "FID unavailable" in res.unavailable["fid"]
@@ -343,6 +410,7 @@ def test_parse_steps_and_lists():
 
 # ------------------------------------------------------------------ pairing and synthetic LQ
 
+
 def save_as(folder: Path, names, size, photo="astronaut") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for n in names:
@@ -356,8 +424,10 @@ def test_pairing_tolerates_lr_hr_name_tokens(tmp_path):
     (lq / ".DS_Store").write_bytes(b"junk")
     pairs = pair_folders(lq, hq)
     assert [(p.name, p.lq.name, p.hq.name) for p in pairs] == [
-        ("0801", "0801x4.png", "0801.png"), ("Canon_003", "Canon_003_LR4.png", "Canon_003_HR.png"),
-        ("same", "same.png", "same.png")]
+        ("0801", "0801x4.png", "0801.png"),
+        ("Canon_003", "Canon_003_LR4.png", "Canon_003_HR.png"),
+        ("same", "same.png", "same.png"),
+    ]
     lq_img, hq_img = pairs[0].load()
     assert lq_img.shape == (1, 3, 8, 8) and hq_img.shape == (1, 3, 32, 32)
 
@@ -383,8 +453,8 @@ def test_synthetic_pairs_are_seeded_per_image_and_cropped(tmp_path):
     pairs = benchsets.synthetic_pairs(hq, "realesrgan", seed=0)
     a1, h1 = pairs[0].load()
     a2, _ = pairs[0].load()
-    assert h1.shape == (1, 3, 64, 68) and a1.shape == (1, 3, 16, 17)   # HQ cropped to a multiple of 4
-    assert torch.equal(a1, a2) and torch.equal(a1 * 255, (a1 * 255).round())   # same every time, 8-bit values
+    assert h1.shape == (1, 3, 64, 68) and a1.shape == (1, 3, 16, 17)  # HQ cropped to a multiple of 4
+    assert torch.equal(a1, a2) and torch.equal(a1 * 255, (a1 * 255).round())  # same every time, 8-bit values
     other_seed = benchsets.synthetic_pairs(hq, "realesrgan", seed=1)[0].load()[0]
     assert not torch.equal(a1, other_seed)
     assert benchsets.pair_seed(0, 0) != benchsets.pair_seed(0, 1) != benchsets.pair_seed(1, 0)
@@ -395,6 +465,7 @@ def test_synthetic_pairs_are_seeded_per_image_and_cropped(tmp_path):
 
 # ------------------------------------------------------------------ named sets from the Hub
 
+
 def stablesr_zip(extra: dict | None = None) -> bytes:
     """A tiny zip with the StableSR test-set layout (RealSR/DRealSR: test_LR/test_HR, DIV2K: lq/gt)."""
     buf = io.BytesIO()
@@ -403,10 +474,14 @@ def stablesr_zip(extra: dict | None = None) -> bytes:
         b = io.BytesIO()
         small_photo(name, size).save(b, "PNG")
         return b.getvalue()
+
     with zipfile.ZipFile(buf, "w") as zf:
         root = "StableSR_testsets"
-        for folder, lq, hq in (("RealSRVal_crop128", "test_LR", "test_HR"), ("DrealSRVal_crop128", "test_LR", "test_HR"),
-                               ("DIV2K_V2_val", "lq", "gt")):
+        for folder, lq, hq in (
+            ("RealSRVal_crop128", "test_LR", "test_HR"),
+            ("DrealSRVal_crop128", "test_LR", "test_HR"),
+            ("DIV2K_V2_val", "lq", "gt"),
+        ):
             for i, photo in enumerate(("astronaut", "coffee")):
                 zf.writestr(f"{root}/{folder}/{lq}/{i:04d}.png", png(photo, (16, 16)))
                 zf.writestr(f"{root}/{folder}/{hq}/{i:04d}.png", png(photo, (64, 64)))
@@ -421,10 +496,10 @@ def test_named_dataset_downloads_once_then_works_offline(cli, tmp_path, monkeypa
     repo = f"datasets/{benchsets.REPO_ID}"
     with serve_hub({repo: {"main": {benchsets.ZIP_NAME: stablesr_zip()}}}) as (endpoint, hub):
         point_hub_at(monkeypatch, endpoint, tmp_path / "hf-cache")
-        monkeypatch.chdir(tmp_path)   # the default output folder is eval_results/<dataset>
+        monkeypatch.chdir(tmp_path)  # the default output folder is eval_results/<dataset>
         result = cli("--dataset", "realsr", "--steps", "1", "--metrics", "psnr,ssim", "--baseline", "bicubic")
         assert result.exit_code == 0, result.output
-        assert hub.count("/blobs/", "GET") == 1   # the zip's bytes (LFS: served by the "CDN")
+        assert hub.count("/blobs/", "GET") == 1  # the zip's bytes (LFS: served by the "CDN")
         res = strict_json(tmp_path / "eval_results" / "realsr" / "results.json")
         assert res["config"]["images"] == 2 and res["config"]["data"]["dataset"] == "realsr"
         assert set(res["per_image"]["bicubic"]) == {"0000", "0001"}
@@ -435,10 +510,20 @@ def test_named_dataset_downloads_once_then_works_offline(cli, tmp_path, monkeypa
         requests = hub.count()
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        result = cli("--dataset", "div2k-val", "--steps", "1", "--metrics", "psnr", "--baseline", "none",
-                     "--out", tmp_path / "div2k")
+        result = cli(
+            "--dataset",
+            "div2k-val",
+            "--steps",
+            "1",
+            "--metrics",
+            "psnr",
+            "--baseline",
+            "none",
+            "--out",
+            tmp_path / "div2k",
+        )
         assert result.exit_code == 0, result.output
-        assert hub.count() == requests and marker.read_text() == "extracted once"   # no request, no re-extraction
+        assert hub.count() == requests and marker.read_text() == "extracted once"  # no request, no re-extraction
         assert strict_json(tmp_path / "div2k" / "results.json")["config"]["images"] == 2
 
 
@@ -448,8 +533,13 @@ def test_named_dataset_offline_with_a_cold_cache_is_one_line(cli, tmp_path, monk
     with serve_hub({}) as (endpoint, _):
         point_hub_at(monkeypatch, endpoint, tmp_path / "hf-cache")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-        assert_one_line_error(cli("--dataset", "drealsr", "--out", tmp_path / "o"),
-                              "drealsr", "not in the local cache", "HF_HUB_OFFLINE", "--lq DIR --hq DIR")
+        assert_one_line_error(
+            cli("--dataset", "drealsr", "--out", tmp_path / "o"),
+            "drealsr",
+            "not in the local cache",
+            "HF_HUB_OFFLINE",
+            "--lq DIR --hq DIR",
+        )
 
 
 @pytest.mark.parametrize("evil", ["../evil.png", "/tmp/evil.png", "StableSR_testsets/../../evil.png"])
@@ -459,7 +549,7 @@ def test_extraction_refuses_zip_slip_and_leaves_nothing_behind(tmp_path, evil):
     zpath.write_bytes(stablesr_zip({evil: b"gotcha"}))
     with pytest.raises(DatasetError, match="unsafe entry"):
         benchsets.extract_once(zpath)
-    assert sorted(p.name for p in zpath.parent.iterdir()) == ["sets.zip"]   # no temp dir, no half extraction
+    assert sorted(p.name for p in zpath.parent.iterdir()) == ["sets.zip"]  # no temp dir, no half extraction
     assert not (tmp_path / "evil.png").exists()
     good = tmp_path / "good.zip"
     good.write_bytes(stablesr_zip())

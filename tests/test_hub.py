@@ -5,11 +5,11 @@ import time
 
 import numpy as np
 import pytest
+from hubserver import point_hub_at, serve_hub
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from safetensors.numpy import load_file, save
 from skimage import data as skdata
 
-from hubserver import point_hub_at, serve_hub
 from teasr_cli import hub
 from teasr_cli.errors import ModelError, TeasrError
 
@@ -243,8 +243,8 @@ def test_fake_hub_serves_snapshot_download_and_datasets(fake_hub, tmp_path):
 def test_upscaler_takes_the_revision_as_a_keyword_too(monkeypatch, tmp_path):
     """Upscaler.from_pretrained(repo, revision=...) as huggingface_hub users write it, on a real tiny model."""
     import torch
-
     from conftest import build_model
+
     from teasr_cli.codecs import PixelUnshuffleCodec
     from teasr_cli.folders import model_config, save_pretrained
     from teasr_cli.pipeline import Upscaler

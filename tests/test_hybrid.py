@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import randomize
 
 from teasr_cli.codecs import PixelUnshuffleCodec
 from teasr_cli.folders import load_pretrained, model_config, save_pretrained
@@ -10,10 +11,18 @@ from teasr_cli.model import DiTConfig, TeasrDiT
 from teasr_cli.sampler import sample
 from teasr_cli.tiling import TiledVelocity, tile_starts
 
-from conftest import randomize
-
-HYBRID = dict(latent_channels=48, patch_size=2, hidden_size=32, depth=2, num_heads=2, prediction="x0",
-              trunk_channels=8, trunk_depth=2, stem_depth=1, decoder_depth=1)
+HYBRID = dict(
+    latent_channels=48,
+    patch_size=2,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+    prediction="x0",
+    trunk_channels=8,
+    trunk_depth=2,
+    stem_depth=1,
+    decoder_depth=1,
+)
 
 
 def hybrid(seed=0, **overrides) -> TeasrDiT:
@@ -56,8 +65,8 @@ def test_decoupled_times_reach_conv_features_too():
     z, zl = latents()
     with torch.no_grad():
         model(z, 0.8, zl, 0.3)
-        model(z, 0.8, zl, -0.6)    # other t_tar
-        model(z, 0.4, zl, -0.6)    # other t_cur
+        model(z, 0.8, zl, -0.6)  # other t_tar
+        model(z, 0.4, zl, -0.6)  # other t_cur
     assert torch.equal(stem[0], stem[1]) and not torch.equal(stem[1], stem[2])
     assert torch.equal(trunk[1], trunk[2]) and not torch.equal(trunk[0], trunk[1])
 
@@ -102,13 +111,15 @@ def test_one_tile_covering_the_latent_is_the_untiled_call_and_tiles_share_the_to
     assert len(tiles) > 1 and all(y % 2 == 0 and x % 2 == 0 for y, x, _, _ in tiles)
 
 
-@pytest.mark.parametrize("size, tile, overlap, align", [(100, 32, 8, 4), (37, 16, 4, 4), (300, 64, 16, 4), (64, 64, 8, 4)])
+@pytest.mark.parametrize(
+    "size, tile, overlap, align", [(100, 32, 8, 4), (37, 16, 4, 4), (300, 64, 16, 4), (64, 64, 8, 4)]
+)
 def test_aligned_tile_starts_cover_the_range(size, tile, overlap, align):
     starts = tile_starts(size, tile, overlap, align)
     assert starts[0] == 0 and all(s % align == 0 for s in starts) and starts == sorted(set(starts))
-    ends = [s + tile for s in starts[:-1]] + [size]   # the last tile runs on to the border
+    ends = [s + tile for s in starts[:-1]] + [size]  # the last tile runs on to the border
     assert size - starts[-1] < tile + align
-    assert all(end - nxt >= overlap - (align - 1) for end, nxt in zip(ends, starts[1:]))   # no gaps, overlap kept
+    assert all(end - nxt >= overlap - (align - 1) for end, nxt in zip(ends, starts[1:]))  # no gaps, overlap kept
 
 
 @pytest.mark.parametrize("steps", [1, 4, 20, 30, 50])
@@ -124,6 +135,6 @@ def test_a_perfect_x0_model_reaches_the_data_exactly_at_any_step_count(steps):
     z_lq, noise = (torch.randn(1, 48, 4, 6, generator=g) for _ in range(2))
     target = z_lq + offset.view(1, -1, 1, 1)
     torch.testing.assert_close(sample(model, noise, z_lq, steps), target, atol=1e-5, rtol=0)
-    model.train()   # training keeps the clamp: its targets stay bounded near t = 0
+    model.train()  # training keeps the clamp: its targets stay bounded near t = 0
     v = model(noise, 0.01, z_lq, 0.0)
     torch.testing.assert_close(v, (noise - target) / model.config.t_min, atol=1e-5, rtol=0)

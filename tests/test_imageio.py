@@ -19,8 +19,16 @@ from skimage.color import rgb2lab
 
 from teasr_cli import imageio as tio
 from teasr_cli.errors import ImageReadError, ImageWriteError, TeasrError
-from teasr_cli.imageio import (Picture, from_pil, output_format, read_image, replace_pixels, to_pil,
-                               upscale_alpha, write_image)
+from teasr_cli.imageio import (
+    Picture,
+    from_pil,
+    output_format,
+    read_image,
+    replace_pixels,
+    to_pil,
+    upscale_alpha,
+    write_image,
+)
 
 ORIENTATION, MAKE, MODEL, EXIF_IFD, DATE_ORIGINAL = 0x0112, 0x010F, 0x0110, 0x8769, 0x9003
 
@@ -64,9 +72,17 @@ def camera_exif(orientation=1):
 
 # ---------------------------------------------------------------- formats
 
-@pytest.mark.parametrize("fmt, ext, lossless", [("JPEG", "jpg", False), ("PNG", "png", True),
-                                                ("WEBP", "webp", False), ("TIFF", "tif", True),
-                                                ("BMP", "bmp", True)])
+
+@pytest.mark.parametrize(
+    "fmt, ext, lossless",
+    [
+        ("JPEG", "jpg", False),
+        ("PNG", "png", True),
+        ("WEBP", "webp", False),
+        ("TIFF", "tif", True),
+        ("BMP", "bmp", True),
+    ],
+)
 def test_reads_common_formats(tmp_path, photo, fmt, ext, lossless):
     path = tmp_path / f"a.{ext}"
     Image.fromarray(photo).save(path, format=fmt)
@@ -82,8 +98,9 @@ def test_reads_common_formats(tmp_path, photo, fmt, ext, lossless):
         assert np.abs(got.astype(int) - photo).mean() < 4
 
 
-@pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"),
-                                      ("TIFF", "tiff"), ("BMP", "bmp")])
+@pytest.mark.parametrize(
+    "fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("TIFF", "tiff"), ("BMP", "bmp")]
+)
 def test_write_then_read_back(tmp_path, photo, fmt, ext):
     pic = from_pil(Image.fromarray(photo))
     out = write_image(pic, tmp_path / f"out.{ext}")
@@ -94,6 +111,7 @@ def test_write_then_read_back(tmp_path, photo, fmt, ext):
 
 
 # ---------------------------------------------------------------- orientation and metadata
+
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_matches_pillow(tmp_path, photo, orientation):
@@ -147,6 +165,7 @@ def test_tiff_layout_tags_do_not_leak_into_exif(tmp_path, photo):
 
 # ---------------------------------------------------------------- grayscale and 16 bit
 
+
 def test_gray_stays_gray(tmp_path, gray_photo):
     src = tmp_path / "g.png"
     Image.fromarray(gray_photo).save(src)
@@ -183,9 +202,13 @@ def test_rgb16_read_keeps_16_bit_precision(tmp_path, deep, kind):
         src.write_bytes(imagecodecs.png_encode(deep))  # libpng with adaptive row filters
     else:
         planar = kind == "tiff-planar"
-        tifffile.imwrite(src, np.moveaxis(deep, -1, 0) if planar else deep, photometric="rgb",
-                         planarconfig="separate" if planar else "contig",
-                         compression="lzw" if kind == "tiff-lzw" else None)
+        tifffile.imwrite(
+            src,
+            np.moveaxis(deep, -1, 0) if planar else deep,
+            photometric="rgb",
+            planarconfig="separate" if planar else "contig",
+            compression="lzw" if kind == "tiff-lzw" else None,
+        )
     pic = read_image(src)
     assert pic.bits == 16 and not pic.gray and pic.alpha is None
     np.testing.assert_array_equal(as_u16(pic.rgb), deep)
@@ -238,6 +261,7 @@ def test_rgba16_keeps_alpha_at_16_bit(tmp_path, deep, ext):
 
 
 # ---------------------------------------------------------------- alpha, palette, CMYK
+
 
 def rgba_photo(photo):
     alpha = np.tile(np.linspace(0, 255, photo.shape[1]).astype(np.uint8), (photo.shape[0], 1))
@@ -320,24 +344,40 @@ def cmyk_profile():
     for c, m, y, k in itertools.product((0, 1), repeat=4):
         L, a, b = rgb2lab(np.array([[[c, m, y]]], float) * (1 - k))[0, 0]
         clut += [round(L * 652.8), round((a + 128) * 256), round((b + 128) * 256)]  # v2 Lab16
-    lut = (b"mft2" + bytes(4) + bytes([4, 3, 2, 0]) + b"".join(s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
-           + struct.pack(">HH", 2, 2) + struct.pack(">8H", *[0, 65535] * 4)
-           + struct.pack(f">{len(clut)}H", *clut) + struct.pack(">6H", *[0, 65535] * 3))
+    lut = (
+        b"mft2"
+        + bytes(4)
+        + bytes([4, 3, 2, 0])
+        + b"".join(s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        + struct.pack(">HH", 2, 2)
+        + struct.pack(">8H", *[0, 65535] * 4)
+        + struct.pack(f">{len(clut)}H", *clut)
+        + struct.pack(">6H", *[0, 65535] * 3)
+    )
     white = s15(0.9642) + s15(1.0) + s15(0.8249)
     tags = [(b"A2B0", lut + bytes(-len(lut) % 4)), (b"wtpt", b"XYZ " + bytes(4) + white)]
     offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
     for sig, blob in tags:
         table += sig + struct.pack(">II", offset + len(body), len(blob))
         body += blob
-    head = (struct.pack(">I", offset + len(body)) + bytes(4) + bytes([2, 0x10, 0, 0]) + b"prtrCMYKLab "
-            + bytes(12) + b"acsp" + bytes(28) + white + bytes(48))
+    head = (
+        struct.pack(">I", offset + len(body))
+        + bytes(4)
+        + bytes([2, 0x10, 0, 0])
+        + b"prtrCMYKLab "
+        + bytes(12)
+        + b"acsp"
+        + bytes(28)
+        + white
+        + bytes(48)
+    )
     return head + struct.pack(">I", len(tags)) + table + body
 
 
 def test_cmyk_jpeg_uses_its_profile(tmp_path):
     patches = np.zeros((16, 64, 4), np.uint8)
     for i, ink in enumerate([(255, 0, 0, 0), (0, 255, 0, 0), (0, 0, 255, 0), (0, 0, 0, 0)]):
-        patches[:, 16 * i:16 * (i + 1)] = ink
+        patches[:, 16 * i : 16 * (i + 1)] = ink
     Image.fromarray(patches, "CMYK").save(tmp_path / "c.jpg", icc_profile=cmyk_profile(), quality=95)
     pic = read_image(tmp_path / "c.jpg")
     assert pic.icc_profile[16:20] == b"RGB "  # pixels are sRGB now, and so is the profile
@@ -350,12 +390,19 @@ def test_cmyk_jpeg_uses_its_profile(tmp_path):
 
 # ---------------------------------------------------------------- animation
 
+
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
 def test_animated_first_frame_with_warning(tmp_path, photo, fmt):
     frames = [Image.fromarray(photo), Image.fromarray(255 - photo), Image.fromarray(photo[::-1])]
     path = tmp_path / f"anim.{fmt.lower()}"
-    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:], duration=100,
-                   **({"lossless": True} if fmt == "WEBP" else {}))
+    frames[0].save(
+        path,
+        format=fmt,
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        **({"lossless": True} if fmt == "WEBP" else {}),
+    )
     with pytest.warns(UserWarning, match="animated.*only the first frame is upscaled"):
         pic = read_image(path)
     first = np.asarray(Image.open(path).convert("RGB"))
@@ -364,6 +411,7 @@ def test_animated_first_frame_with_warning(tmp_path, photo, fmt):
 
 
 # ---------------------------------------------------------------- read errors
+
 
 def one_line_read_error(path, **kw):
     with pytest.raises(ImageReadError) as err:
@@ -382,10 +430,12 @@ def test_read_errors(tmp_path):
     assert "empty" in one_line_read_error(tmp_path / "empty.jpg")
 
 
-@pytest.mark.parametrize("fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"),
-                                      ("TIFF", "tif"), ("BMP", "bmp"), ("PNG16", "png")])
+@pytest.mark.parametrize(
+    "fmt, ext", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("TIFF", "tif"), ("BMP", "bmp"), ("PNG16", "png")]
+)
 def test_truncated_files_never_load(tmp_path, photo, deep, fmt, ext, monkeypatch):
     from PIL import ImageFile
+
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a caller's global must not matter
     if fmt == "PNG16":
         blob = imagecodecs.png_encode(deep)
@@ -402,8 +452,12 @@ def test_truncated_files_never_load(tmp_path, photo, deep, fmt, ext, monkeypatch
 def png_header_only(width, height):
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_zero_size_and_corrupt_header(tmp_path):
@@ -431,12 +485,17 @@ def test_max_pixels(tmp_path, photo, monkeypatch):
 
 # ---------------------------------------------------------------- from_pil / to_pil
 
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "I;16"])
 def test_from_pil_to_pil_round_trip(photo, mode):
     rgba = rgba_photo(photo)
-    src = {"L": Image.fromarray(photo).convert("L"), "LA": Image.fromarray(rgba).convert("LA"),
-           "RGB": Image.fromarray(photo), "RGBA": Image.fromarray(rgba),
-           "I;16": Image.fromarray((photo[..., 0].astype(np.uint16) * 257 + 3))}[mode]
+    src = {
+        "L": Image.fromarray(photo).convert("L"),
+        "LA": Image.fromarray(rgba).convert("LA"),
+        "RGB": Image.fromarray(photo),
+        "RGBA": Image.fromarray(rgba),
+        "I;16": Image.fromarray((photo[..., 0].astype(np.uint16) * 257 + 3)),
+    }[mode]
     assert src.mode == mode
     icc = srgb_icc() if mode.startswith(("RGB",)) else None
     if icc:
@@ -455,6 +514,7 @@ def test_to_pil_drops_a_gray_profile_on_colour_output(photo):
 
 
 # ---------------------------------------------------------------- writing
+
 
 def test_output_format():
     assert output_format("x/out.JPG") == "JPEG" and output_format("o.jpeg") == "JPEG"
@@ -527,16 +587,20 @@ def test_picture_is_plain_data(photo):
 
 # ---------------------------------------------------------------- the package's one lister and atomic writer
 
+
 def test_find_images_lists_image_files_only_sorted(tmp_path, photo):
     (tmp_path / "sub" / "out").mkdir(parents=True)
     for name in ("b.PNG", "a.jpg", ".hidden.png", "notes.txt", "sub/c.webp", "sub/out/d.png"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "folder.png").mkdir()   # a folder with an image suffix is not an image
-    names = lambda files: [p.relative_to(tmp_path).as_posix() for p in files]   # noqa: E731
+    (tmp_path / "folder.png").mkdir()  # a folder with an image suffix is not an image
+    names = lambda files: [p.relative_to(tmp_path).as_posix() for p in files]  # noqa: E731
     assert names(tio.find_images(tmp_path)) == ["a.jpg", "b.PNG"]
     assert names(tio.find_images(tmp_path, recursive=True)) == ["a.jpg", "b.PNG", "sub/c.webp", "sub/out/d.png"]
-    assert names(tio.find_images(tmp_path, recursive=True, exclude=tmp_path / "sub" / "out")) == \
-        ["a.jpg", "b.PNG", "sub/c.webp"]
+    assert names(tio.find_images(tmp_path, recursive=True, exclude=tmp_path / "sub" / "out")) == [
+        "a.jpg",
+        "b.PNG",
+        "sub/c.webp",
+    ]
     assert names(tio.find_images(tmp_path, "a*")) == ["a.jpg"] and tio.find_images(tmp_path / "sub" / "out" / "x") == []
 
 
@@ -562,7 +626,7 @@ def test_atomic_path_replaces_a_whole_folder(tmp_path):
     (final / "stale.safetensors").write_text("old")
     with tio.atomic_path(final) as tmp:
         tmp.mkdir()
-        assert not (tmp / "state.json").exists() and (final / "stale.safetensors").exists()   # old one until done
+        assert not (tmp / "state.json").exists() and (final / "stale.safetensors").exists()  # old one until done
         (tmp / "state.json").write_text("{}")
     assert os.listdir(tmp_path) == ["ckpt-0000002"] and os.listdir(final) == ["state.json"]
 
@@ -587,6 +651,6 @@ def test_read_rgb8_gives_read_images_pixels_in_8_bit(tmp_path, photo, gray_photo
     ref = (read_image(path).rgb * 255).round().to(torch.uint8)
     assert x.dtype == torch.uint8 and x.shape[0] == 3 and torch.equal(x, ref)
     if kind == "rgb-jpeg-rotated":
-        assert x.shape[1:] == (photo.shape[1], photo.shape[0])   # turned upright: 128 x 96
-    if kind == "rgb16":   # rounded, not truncated: 0x12ff -> 0x13
+        assert x.shape[1:] == (photo.shape[1], photo.shape[0])  # turned upright: 128 x 96
+    if kind == "rgb16":  # rounded, not truncated: 0x12ff -> 0x13
         assert torch.equal(x, torch.from_numpy(np.rint(deep / 257.0).astype(np.uint8)).permute(2, 0, 1))

@@ -1,5 +1,6 @@
 """The package's import graph: no cycles, counting imports inside functions too (a lazy import hides a cycle from
 the interpreter, not from a reader), and the model-folder format reachable without any backbone's extras."""
+
 import ast
 import subprocess
 import sys
@@ -71,8 +72,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_the_package():
     graph = import_graph()
     assert {"teasr_cli.folders", "teasr_cli.model", "teasr_cli.backbones.qwen_image"} <= set(graph)
-    assert "teasr_cli.folders" in graph["teasr_cli.backbones.qwen_image"]      # a top-level import
-    assert "teasr_cli.metrics.frechet" in graph["teasr_cli.metrics"]           # a relative one
+    assert "teasr_cli.folders" in graph["teasr_cli.backbones.qwen_image"]  # a top-level import
+    assert "teasr_cli.metrics.frechet" in graph["teasr_cli.metrics"]  # a relative one
     # the detector itself finds a cycle of lazy imports like the one the folder module removed
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -83,9 +84,12 @@ def test_no_import_cycles():
 
 def test_a_native_model_loads_without_the_big_backbone_extras(tiny_model_dir):
     """folders finds a backbone by name on first use: a native folder never pulls in diffusers, peft or transformers."""
-    code = ("import sys; from teasr_cli.folders import load_pretrained; load_pretrained(sys.argv[1]); "
-            "print(sorted(m for m in ('diffusers', 'peft', 'transformers', 'teasr_cli.backbones.qwen_image') "
-            "if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import sys; from teasr_cli.folders import load_pretrained; load_pretrained(sys.argv[1]); "
+        "print(sorted(m for m in ('diffusers', 'peft', 'transformers', 'teasr_cli.backbones.qwen_image') "
+        "if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-500:]

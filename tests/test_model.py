@@ -41,6 +41,7 @@ def record_modulation(model, block=0):
 
 # ------------------------------------------------------------------ shapes, init
 
+
 @pytest.mark.parametrize("H,W", [(13, 9), (1, 1), (7, 4), (2, 2), (5, 16)])
 def test_output_shape_any_latent_size_and_batch(make_model, H, W):
     model = make_model()
@@ -56,8 +57,8 @@ def test_batch_rows_are_independent_and_times_can_be_per_sample(make_model):
     t_cur, t_tar = torch.tensor([1.0, 0.5, 0.25]), torch.tensor([0.0, -0.5, 0.25])
     v = run(model, z, t_cur, zl, t_tar)
     for b in range(3):
-        one = run(model, z[b:b + 1], float(t_cur[b]), zl[b:b + 1], float(t_tar[b]))
-        torch.testing.assert_close(v[b:b + 1], one, atol=1e-5, rtol=1e-5)
+        one = run(model, z[b : b + 1], float(t_cur[b]), zl[b : b + 1], float(t_tar[b]))
+        torch.testing.assert_close(v[b : b + 1], one, atol=1e-5, rtol=1e-5)
 
 
 def test_fresh_model_is_adaln_zero_and_outputs_exactly_zero(make_model):
@@ -82,7 +83,7 @@ def test_x0_prediction_starts_at_the_lq_latent_and_is_a_velocity(make_model):
         torch.testing.assert_close(z - max(t, model.config.t_min) * v, zl, atol=1e-5, rtol=0)
     trained = make_model(random=True, prediction="x0", patch_size=4)
     x0 = z - 0.7 * run(trained, z, 0.7, zl, 0.2)
-    assert not torch.allclose(x0, zl, atol=1e-3)     # the network's residual is added on top of z_lq
+    assert not torch.allclose(x0, zl, atol=1e-3)  # the network's residual is added on top of z_lq
 
 
 @pytest.mark.parametrize("H,W", [(7, 5), (8, 8)])
@@ -106,20 +107,21 @@ def test_conv_head_starts_as_the_identity_and_reads_z_t_and_the_lq_latent(make_m
     zl2[:, :, 0, 0] += 1.0
     with torch.no_grad():
         diff = (headed.head(out, z, zl2, c) - headed.head(out, z, zl, c)).abs().sum((0, 1))
-    r = headed.config.head_depth + 2     # 3x3 convs: inp, mid..., out
-    assert diff[0, 0] > 0 and diff[r + 1:, :].sum() == 0 and diff[:, r + 1:].sum() == 0
+    r = headed.config.head_depth + 2  # 3x3 convs: inp, mid..., out
+    assert diff[0, 0] > 0 and diff[r + 1 :, :].sum() == 0 and diff[:, r + 1 :].sum() == 0
 
 
 def test_t2_embedder_starts_as_an_exact_copy_of_t_embedder(make_model):
     model = make_model(random=False)
     a, b = model.t_embedder.state_dict(), model.t2_embedder.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert a["mlp.0.weight"].data_ptr() != b["mlp.0.weight"].data_ptr()   # a copy, not shared weights
+    assert a["mlp.0.weight"].data_ptr() != b["mlp.0.weight"].data_ptr()  # a copy, not shared weights
     t = torch.tensor([0.0, 0.3, 1.0])
     assert torch.equal(model.t_embedder(t), model.t2_embedder(t))
 
 
 # ------------------------------------------------------------------ DTC: decoupled t_cur / t_tar
+
 
 def test_each_embedder_gets_its_own_time(make_model):
     model = make_model()
@@ -136,7 +138,7 @@ def test_noise_rows_follow_t_cur_only_and_condition_rows_t_tar_only(make_model):
     model = make_model()
     rec = record_modulation(model)
     z, zl = latents(H=6, W=4)
-    n = 3 * 2   # tokens per branch: (6/2) x (4/2)
+    n = 3 * 2  # tokens per branch: (6/2) x (4/2)
 
     def mods(t_cur, t_tar):
         run(model, z, t_cur, zl, t_tar)
@@ -145,14 +147,14 @@ def test_noise_rows_follow_t_cur_only_and_condition_rows_t_tar_only(make_model):
 
     base = mods(0.6, 0.2)
     new_tar = mods(0.6, 0.9)
-    assert torch.equal(base[:, :n], new_tar[:, :n])                 # noise rows ignore t_tar
+    assert torch.equal(base[:, :n], new_tar[:, :n])  # noise rows ignore t_tar
     assert (base[:, n:] - new_tar[:, n:]).abs().max() > 1e-3
     new_cur = mods(0.3, 0.2)
-    assert torch.equal(base[:, n:], new_cur[:, n:])                 # condition rows ignore t_cur
+    assert torch.equal(base[:, n:], new_cur[:, n:])  # condition rows ignore t_cur
     assert (base[:, :n] - new_cur[:, :n]).abs().max() > 1e-3
     # within a branch every token shares its branch's modulation
     assert torch.equal(base[:, :n], base[:, :1].expand(-1, n, -1))
-    assert torch.equal(base[:, n:], base[:, n:n + 1].expand(-1, n, -1))
+    assert torch.equal(base[:, n:], base[:, n : n + 1].expand(-1, n, -1))
 
 
 @pytest.mark.parametrize("t_tar", [0.0, 0.5, -0.5, 1.0])
@@ -176,13 +178,14 @@ def test_t_tar_steers_the_output_and_negative_times_mark_the_fake_trajectory(mak
     out = {t: run(model, z, 0.5, zl, t) for t in (0.5, 0.0, -0.5)}
     assert all(torch.isfinite(v).all() for v in out.values())
     assert (out[0.5] - out[0.0]).abs().max() > 1e-3
-    assert (out[0.5] - out[-0.5]).abs().max() > 1e-3       # -t is a different time, not |t|
+    assert (out[0.5] - out[-0.5]).abs().max() > 1e-3  # -t is a different time, not |t|
     # the sinusoid itself separates t from -t (sin is odd)
     e = tm.TimestepEmbedder.timestep_embedding(torch.tensor([0.5, -0.5]), 256)
     assert (e[0] - e[1]).abs().max() > 0.5
 
 
 # ------------------------------------------------------------------ training paths
+
 
 def test_gradient_checkpointing_gives_same_output_and_gradients(make_model, monkeypatch):
     z, zl = latents(H=6, W=6)
@@ -194,9 +197,9 @@ def test_gradient_checkpointing_gives_same_output_and_gradients(make_model, monk
         model = make_model().train()
         model.gradient_checkpointing = ckpt
         v = model(z, 0.7, zl, 0.3)
-        (v ** 2).mean().backward()
+        (v**2).mean().backward()
         results.append((v.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert len(calls) == len(model.blocks)                  # the checkpointed path really ran
+    assert len(calls) == len(model.blocks)  # the checkpointed path really ran
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, g in results[0][1].items():
         torch.testing.assert_close(g, results[1][1][name], atol=1e-7, rtol=1e-5, msg=name)
@@ -208,8 +211,9 @@ def test_last_block_skips_the_condition_tokens_with_the_same_output(make_model, 
     z, zl = latents(H=6, W=4)
     pruned = run(model, z, 0.6, zl, 0.2)
     full = tm.DiTBlock.forward
-    monkeypatch.setattr(tm.DiTBlock, "forward", lambda self, x, *a: full(self, x, *a[:5])[:, :a[4]] if a[5]
-                        else full(self, x, *a[:5]))
+    monkeypatch.setattr(
+        tm.DiTBlock, "forward", lambda self, x, *a: full(self, x, *a[:5])[:, : a[4]] if a[5] else full(self, x, *a[:5])
+    )
     torch.testing.assert_close(run(model, z, 0.6, zl, 0.2), pruned, atol=1e-6, rtol=1e-5)
 
 
@@ -236,7 +240,7 @@ def test_condition_lora_reaches_condition_tokens_only(make_model, monkeypatch):
     with torch.no_grad():
         gen = torch.Generator().manual_seed(3)
         for name, p in lora.named_parameters():
-            if "lora_B" in name:   # peft starts B at zero (a no-op LoRA); make it act
+            if "lora_B" in name:  # peft starts B at zero (a no-op LoRA); make it act
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     mod_base, mod_lora = record_modulation(base), record_modulation(lora)
     seen = _branch_linear_outputs(monkeypatch)
@@ -247,8 +251,8 @@ def test_condition_lora_reaches_condition_tokens_only(make_model, monkeypatch):
     q_base, q_lora = qkv[id(base.blocks[0].attn.qkv)], qkv[id(lora.blocks[0].attn.qkv)]
     n = 6
     assert hasattr(lora.blocks[0].attn.qkv, "base_layer")
-    torch.testing.assert_close(q_lora[:, :n], q_base[:, :n], atol=1e-6, rtol=1e-6)   # noise tokens: the frozen prior
-    assert (q_lora[:, n:] - q_base[:, n:]).abs().max() > 1e-2                       # condition tokens: adapted
+    torch.testing.assert_close(q_lora[:, :n], q_base[:, :n], atol=1e-6, rtol=1e-6)  # noise tokens: the frozen prior
+    assert (q_lora[:, n:] - q_base[:, n:]).abs().max() > 1e-2  # condition tokens: adapted
     # the LoRA on adaLN_modulation.1 must spare the noise tokens' modulation too
     torch.testing.assert_close(mod_lora["mods"][:, :n], mod_base["mods"][:, :n], atol=1e-6, rtol=1e-6)
     assert (mod_lora["mods"][:, n:] - mod_base["mods"][:, n:]).abs().max() > 1e-2
@@ -263,7 +267,7 @@ def test_exported_cond_lora_starts_exact_and_reaches_condition_tokens_only(make_
     with torch.no_grad():
         gen = torch.Generator().manual_seed(3)
         for name, p in lora.named_parameters():
-            if "lora_up" in name:   # zero-initialised: make the exported delta act
+            if "lora_up" in name:  # zero-initialised: make the exported delta act
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     mod_base, mod_lora = record_modulation(base), record_modulation(lora)
     seen = _branch_linear_outputs(monkeypatch)
@@ -281,6 +285,7 @@ def test_exported_cond_lora_starts_exact_and_reaches_condition_tokens_only(make_
 
 # ------------------------------------------------------------------ model folders
 
+
 def _save(model, folder, **kw):
     save_pretrained(model, model_config(model.config, PixelUnshuffleCodec(4).config()), folder, **kw)
     return folder
@@ -295,7 +300,7 @@ def test_save_load_round_trip_is_bitwise(make_model, tmp_path):
     assert torch.equal(run(loaded, z, 0.5, zl, 0.0), run(model, z, 0.5, zl, 0.0))
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]  # no temp files
     # readable like any new file (safetensors alone would write 0600)
-    mode = lambda name: (tmp_path / "m" / name).stat().st_mode & 0o777   # noqa: E731
+    mode = lambda name: (tmp_path / "m" / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("model.safetensors") == mode("config.json")
 
 
@@ -324,14 +329,17 @@ def _edit_config(folder, **model_fields):
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("change,words", [
-    (dict(depth=3), ["missing", "blocks.2"]),
-    (dict(depth=1), ["unexpected", "blocks.1"]),
-    (dict(hidden_size=128), ["other shapes", "(64,"]),
-    (dict(latent_channels=12), ["other shapes", "x_embedder"]),
-    (dict(width=3), ["invalid model config", "width"]),
-    (dict(hidden_size=60), ["invalid model config"]),   # head_dim 15 cannot carry 2-D RoPE
-])
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (dict(depth=3), ["missing", "blocks.2"]),
+        (dict(depth=1), ["unexpected", "blocks.1"]),
+        (dict(hidden_size=128), ["other shapes", "(64,"]),
+        (dict(latent_channels=12), ["other shapes", "x_embedder"]),
+        (dict(width=3), ["invalid model config", "width"]),
+        (dict(hidden_size=60), ["invalid model config"]),  # head_dim 15 cannot carry 2-D RoPE
+    ],
+)
 def test_weights_that_do_not_fit_the_config_raise_one_line_model_error(make_model, tmp_path, change, words):
     folder = _save(make_model(), tmp_path / "m")
     _edit_config(folder, **change)
@@ -361,7 +369,7 @@ def test_a_folder_names_its_backbone_and_an_unknown_one_is_a_one_line_error(make
     folder = _save(make_model(), tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["backbone"] == "native" and cfg["teasr_format"] == folders.FORMAT_VERSION
-    del cfg["backbone"]   # folders from before the field: native
+    del cfg["backbone"]  # folders from before the field: native
     (folder / "config.json").write_text(json.dumps(cfg))
     assert isinstance(load_pretrained(folder)[0], tm.TeasrDiT)
     (folder / "config.json").write_text(json.dumps({**cfg, "backbone": "sdxl"}))
@@ -374,8 +382,7 @@ def test_a_folder_names_its_backbone_and_an_unknown_one_is_a_one_line_error(make
 
 # v[0, :2, 0, :4] of a seeded, randomised tiny model on fixed inputs. If this fails, the model's
 # math changed: old weight files would then silently compute something else. Update only on purpose.
-PINNED = torch.tensor([[-0.133433, 0.240197, -0.611009, 0.304188],
-                       [-0.209698, 1.045685, 0.060193, -0.131928]])
+PINNED = torch.tensor([[-0.133433, 0.240197, -0.611009, 0.304188], [-0.209698, 1.045685, 0.060193, -0.131928]])
 
 
 def test_pinned_output_slice(make_model):

@@ -7,16 +7,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import small_photo, to_tensor
+from PIL import Image
 
 from teasr_cli import runtime
 from teasr_cli.codecs import PixelUnshuffleCodec
 from teasr_cli.degrade import downscale
 from teasr_cli.errors import TeasrError
 from teasr_cli.folders import load_pretrained
-from teasr_cli.pipeline import UpscaleSettings, Upscaler, adain_color_fix_, auto_tile, project_to_lr_, wavelet_color_fix_
+from teasr_cli.pipeline import (
+    Upscaler,
+    UpscaleSettings,
+    adain_color_fix_,
+    auto_tile,
+    project_to_lr_,
+    wavelet_color_fix_,
+)
 from teasr_cli.sampler import sample
 
 
@@ -27,12 +33,12 @@ def coarse_corr(out, lq, size=(6, 9)):
 
 @pytest.fixture
 def upscaler(make_model):
-    return Upscaler(make_model(seed=0), PixelUnshuffleCodec(4), device="cpu", dtype="fp32")   # exact references
+    return Upscaler(make_model(seed=0), PixelUnshuffleCodec(4), device="cpu", dtype="fp32")  # exact references
 
 
 @pytest.fixture
 def lq(photo):
-    return to_tensor(photo.resize((37, 23), Image.Resampling.LANCZOS))   # odd sizes on purpose
+    return to_tensor(photo.resize((37, 23), Image.Resampling.LANCZOS))  # odd sizes on purpose
 
 
 def test_output_is_exactly_four_times_and_in_range(upscaler, lq):
@@ -45,7 +51,7 @@ def test_output_is_exactly_four_times_and_in_range(upscaler, lq):
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 8)])
 def test_tiny_inputs(upscaler, hw):
-    assert auto_tile(hw, 2, torch.device("cpu")) >= 4      # never below the smallest valid tile (2 patches)
+    assert auto_tile(hw, 2, torch.device("cpu")) >= 4  # never below the smallest valid tile (2 patches)
     out = upscaler.upscale_tensor(torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0)))
     assert out.shape == (1, 3, 4 * hw[0], 4 * hw[1])
 
@@ -77,9 +83,9 @@ def reference(model, lq, steps, seed):
     noise = torch.randn(z_lq.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         out = codec.decode(sample(model, noise, z_lq, steps))
-        if steps > 1:                                     # the LR-grid band from the 1-step result
+        if steps > 1:  # the LR-grid band from the 1-step result
             project_to_lr_(out, downscale(codec.decode(sample(model, noise, z_lq, 1)), 4), 4)
-    out = wavelet_color_fix_(out, x, 4)                   # low band from the LQ input itself
+    out = wavelet_color_fix_(out, x, 4)  # low band from the LQ input itself
     return (out.clamp(-1, 1) + 1) / 2
 
 
@@ -122,7 +128,7 @@ def test_real_tiles_stay_close_to_the_untiled_result(upscaler, lq):
 def test_callback_sees_every_model_call(upscaler, lq):
     seen = []
     upscaler.upscale_tensor(lq, UpscaleSettings(steps=3), callback=lambda i, n, z: seen.append((i, n)))
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]              # the 1-step anchor first
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # the 1-step anchor first
     seen.clear()
     upscaler.upscale_tensor(lq, UpscaleSettings(steps=3, anchor=False), callback=lambda i, n, z: seen.append((i, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
@@ -130,24 +136,28 @@ def test_callback_sees_every_model_call(upscaler, lq):
 
 # ------------------------------------------------------------------ consistency with the input: anchor, fidelity
 
+
 def test_projection_makes_the_downscale_equal_the_input_and_keeps_the_finer_detail():
     hr = to_tensor(small_photo("astronaut", (128, 96))) * 2 - 1
     lr = downscale(hr, 4)
-    other = to_tensor(small_photo("coffee", (128, 96))) * 2 - 1        # another photo: everything differs
+    other = to_tensor(small_photo("coffee", (128, 96))) * 2 - 1  # another photo: everything differs
     out = project_to_lr_(other.clone(), lr, 4)
-    assert 20 * torch.log10(2 / (downscale(out, 4) - lr).pow(2).mean().sqrt()) > 45      # PSNR; was ~12 dB
+    assert 20 * torch.log10(2 / (downscale(out, 4) - lr).pow(2).mean().sqrt()) > 45  # PSNR; was ~12 dB
     detail = lambda x: x - F.interpolate(downscale(x, 4), scale_factor=4, mode="bicubic", align_corners=False)
     corr = [np.corrcoef(detail(out).flatten(), detail(x).flatten())[0, 1] for x in (other, hr)]
-    assert corr[0] > 0.8 and corr[1] < 0.3                               # coffee's fine detail, not the astronaut's
-    assert torch.equal(project_to_lr_(hr.clone(), lr, 4), hr)                        # consistent: untouched
+    assert corr[0] > 0.8 and corr[1] < 0.3  # coffee's fine detail, not the astronaut's
+    assert torch.equal(project_to_lr_(hr.clone(), lr, 4), hr)  # consistent: untouched
 
 
 def test_anchor_gives_n_steps_the_coarse_picture_of_one_step(upscaler, lq):
     one = upscaler.upscale_tensor(lq, UpscaleSettings(steps=1, seed=2, color_fix="none"))
-    runs = {a: upscaler.upscale_tensor(lq, UpscaleSettings(steps=4, seed=2, color_fix="none", anchor=a)) for a in (True, False)}
+    runs = {
+        a: upscaler.upscale_tensor(lq, UpscaleSettings(steps=4, seed=2, color_fix="none", anchor=a))
+        for a in (True, False)
+    }
     gap = {a: (downscale(r, 4) - downscale(one, 4)).abs().mean() for a, r in runs.items()}
     assert gap[True] < 0.01 < gap[False]
-    assert (runs[True] - one).abs().mean() > 0.02        # yet its own detail: not the 1-step image
+    assert (runs[True] - one).abs().mean() > 0.02  # yet its own detail: not the 1-step image
 
 
 def test_fidelity_one_is_back_projected_bicubic_whatever_the_model(make_model, lq):
@@ -167,10 +177,11 @@ def test_fidelity_one_is_back_projected_bicubic_whatever_the_model(make_model, l
 
 # ------------------------------------------------------------------ colour fixes
 
+
 def test_wavelet_fix_of_an_image_against_itself_is_identity(photo):
     x = to_tensor(photo) * 2 - 1
     assert torch.equal(wavelet_color_fix_(x.clone(), x, 1), x)
-    big = F.interpolate(x, scale_factor=4, mode="nearest")      # its own area-downscale is x again
+    big = F.interpolate(x, scale_factor=4, mode="nearest")  # its own area-downscale is x again
     torch.testing.assert_close(wavelet_color_fix_(big.clone(), x, 4), big, atol=1e-6, rtol=0)
 
 
@@ -190,7 +201,7 @@ def test_wavelet_fix_takes_colour_from_the_input_and_detail_from_the_output():
 
 def test_adain_matches_channel_mean_and_std(photo):
     out = to_tensor(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) * 0.5 - 0.1
-    ref = to_tensor(photo.rotate(90, expand=True)) * 2 - 1       # other size, same channels
+    ref = to_tensor(photo.rotate(90, expand=True)) * 2 - 1  # other size, same channels
     fixed = adain_color_fix_(out.clone(), ref)
     torch.testing.assert_close(fixed.mean((2, 3)), ref.mean((2, 3)), atol=1e-5, rtol=0)
     torch.testing.assert_close(fixed.std((2, 3)), ref.std((2, 3)), atol=1e-4, rtol=0)
@@ -201,19 +212,23 @@ def test_adain_matches_channel_mean_and_std(photo):
 def test_colour_fix_none_and_adain_run_through_the_pipeline(upscaler, lq):
     outs = {c: upscaler.upscale_tensor(lq, UpscaleSettings(color_fix=c)) for c in ("wavelet", "adain", "none")}
     assert all(o.shape == (1, 3, 92, 148) for o in outs.values())
-    assert coarse_corr(outs["none"], lq) < 0.5 < coarse_corr(outs["wavelet"], lq)   # a random model alone drifts
+    assert coarse_corr(outs["none"], lq) < 0.5 < coarse_corr(outs["wavelet"], lq)  # a random model alone drifts
     ch_err = {c: (o.mean((2, 3)) - lq.mean((2, 3))).abs().max() for c, o in outs.items()}
     assert ch_err["adain"] < 0.02 and ch_err["wavelet"] < 0.08 < ch_err["none"]
 
 
 # ------------------------------------------------------------------ errors, loading, PIL
 
-@pytest.mark.parametrize("settings,word", [
-    (UpscaleSettings(color_fix="sepia"), "colour fix"),
-    (UpscaleSettings(steps=0), "steps"),
-    (UpscaleSettings(tile=2), "tile"),
-    (UpscaleSettings(fidelity=1.5), "fidelity"),
-])
+
+@pytest.mark.parametrize(
+    "settings,word",
+    [
+        (UpscaleSettings(color_fix="sepia"), "colour fix"),
+        (UpscaleSettings(steps=0), "steps"),
+        (UpscaleSettings(tile=2), "tile"),
+        (UpscaleSettings(fidelity=1.5), "fidelity"),
+    ],
+)
 def test_bad_settings_raise_one_line_errors(upscaler, lq, settings, word):
     with pytest.raises(TeasrError, match=word) as info:
         upscaler.upscale_tensor(lq, settings)
@@ -264,15 +279,15 @@ def test_pil_rgb_keeps_mode_and_is_four_times(upscaler, photo):
 
 def test_pil_rgba_keeps_its_alpha(upscaler, photo):
     alpha = np.zeros((photo.height, photo.width), np.uint8)
-    alpha[:, : photo.width // 2] = 255                          # left half opaque, right half clear
+    alpha[:, : photo.width // 2] = 255  # left half opaque, right half clear
     rgba = photo.copy()
     rgba.putalpha(Image.fromarray(alpha))
     out = upscaler(rgba)
     assert out.mode == "RGBA" and out.size == (4 * photo.width, 4 * photo.height)
     a = np.asarray(out)[..., 3]
-    mid = 2 * photo.width                                        # the alpha edge, upscaled
+    mid = 2 * photo.width  # the alpha edge, upscaled
     # Lanczos-3 at x4 spreads the edge over +-12 output pixels; beyond that alpha is untouched
-    assert (a[:, : mid - 13] == 255).all() and (a[:, mid + 13:] == 0).all()
+    assert (a[:, : mid - 13] == 255).all() and (a[:, mid + 13 :] == 0).all()
 
 
 def test_pil_grayscale_stays_grayscale(upscaler, photo):

@@ -1,6 +1,7 @@
 """A recipe in train/recipes/ that names a run on a `# run: NAME` line is the configuration that run logged: the
 commands of train/README.md rebuild the shipped weights from files, not from memory. Recipes for runs still to
 come (no such line) must at least load."""
+
 import json
 import re
 from dataclasses import asdict
@@ -77,8 +78,9 @@ def test_recipe_is_the_logged_config_of_its_run(recipe):
     loaded = cfg.to_dict()
     logged = logged_config(run)
     train_defaults, sad_defaults = asdict(TrainConfig()), asdict(SADConfig())
-    diff = differences({k: v for k, v in loaded.items() if k != "sad"}, {k: v for k, v in logged.items() if k != "sad"},
-                       train_defaults)
+    diff = differences(
+        {k: v for k, v in loaded.items() if k != "sad"}, {k: v for k, v in logged.items() if k != "sad"}, train_defaults
+    )
     diff += differences(loaded["sad"], logged["sad"], sad_defaults, prefix="sad.")
     assert not diff, f"{recipe.name} vs {run}'s log: " + "; ".join(diff)
     # the run got to the step the recipe stops at (logs come every log_every steps, a stop can fall between)
@@ -91,6 +93,7 @@ def test_shipped_recipe_stops_where_the_shipped_weights_were_taken():
     shipped = json.loads((ROOT / "teasr_cli" / "weights" / "config.json").read_text())
     cfg = TrainConfig.load(str(recipe), data="d", init="m")
     assert cfg.steps == shipped["trained"]["steps"] and cfg.stage == shipped["trained"]["stage"]
-    assert {k: cfg.model[k] for k in ("hidden_size", "depth", "head_depth")} == \
-        {k: shipped["model"][k] for k in ("hidden_size", "depth", "head_depth")}
+    assert {k: cfg.model[k] for k in ("hidden_size", "depth", "head_depth")} == {
+        k: shipped["model"][k] for k in ("hidden_size", "depth", "head_depth")
+    }
     assert cfg.lora_rank == shipped["model"]["cond_lora_rank"]

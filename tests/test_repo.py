@@ -1,11 +1,12 @@
 """The repository itself: what git tracks stays small enough to clone, and to carry to a device machine."""
+
 import subprocess
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_TRACKED_BYTES = 64 * 2**20   # a device call refuses a bigger tree; a clone should not fetch checkpoints
+MAX_TRACKED_BYTES = 64 * 2**20  # a device call refuses a bigger tree; a clone should not fetch checkpoints
 
 
 def tracked_files() -> list[Path]:
@@ -14,7 +15,7 @@ def tracked_files() -> list[Path]:
         top = Path(git("rev-parse", "--show-toplevel").decode().strip()).resolve()
     except (OSError, subprocess.CalledProcessError):
         top = None
-    if top != ROOT:   # an unpacked sdist, or a copy inside some other repository
+    if top != ROOT:  # an unpacked sdist, or a copy inside some other repository
         pytest.skip("not a git checkout of this project")
     out = git("ls-files", "-z")
     return [ROOT / p for p in out.decode().split("\0") if p]

@@ -3,13 +3,25 @@
 The stand-in model is v(z, t, z_lq, s) = a z + b z_lq + c t + d s with learnable scalars, so every loss
 and every gradient below has a closed form that the test writes out independently of sad.py.
 """
+
 import pytest
 import torch
 from scipy.stats import norm
 
 from teasr_cli.model import DiTConfig, TeasrDiT
-from teasr_cli.sad import (SADConfig, adv_loss, consistency_loss, data_loss, draw_sample, flow_loss, one_step_fake,
-                           rect_loss, sad_losses, sample_t, tar_weight)
+from teasr_cli.sad import (
+    SADConfig,
+    adv_loss,
+    consistency_loss,
+    data_loss,
+    draw_sample,
+    flow_loss,
+    one_step_fake,
+    rect_loss,
+    sad_losses,
+    sample_t,
+    tar_weight,
+)
 
 SHAPE = (2, 3, 2, 2)
 A, B, C, D = 0.7, -0.3, 0.5, 0.9
@@ -48,12 +60,12 @@ def test_flow_loss_matches_hand_computation_and_gradient():
     loss = flow_loss(m, z0, zl, eps, t)
     zt = t.view(-1, 1, 1, 1) * eps + (1 - t.view(-1, 1, 1, 1)) * z0
     r = hand_v(zt, t, zl, t) - (eps - z0)
-    assert loss.item() == pytest.approx((r ** 2).mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx((r**2).mean().item(), rel=1e-6)
     loss.backward()
     # d/da mean(r^2) = mean(2 r z_t); d/dd = mean(2 r t)
     assert m.a.grad.item() == pytest.approx((2 * r * zt).mean().item(), rel=1e-5)
     assert m.d.grad.item() == pytest.approx((2 * r * t.view(-1, 1, 1, 1)).mean().item(), rel=1e-5)
-    assert [(tc.tolist(), s.tolist()) for tc, s in m.calls] == [(t.tolist(), t.tolist())]   # target time = t
+    assert [(tc.tolist(), s.tolist()) for tc, s in m.calls] == [(t.tolist(), t.tolist())]  # target time = t
 
 
 def test_consistency_loss_two_half_steps_and_no_gradient_through_v2():
@@ -87,7 +99,7 @@ def test_one_step_fake_uses_t_cur_1_and_t_tar_0():
     torch.testing.assert_close(f, hand_v(eps.detach(), ones, zl, ones * 0))
     torch.testing.assert_close(z_fake, eps.detach() - f)
     assert [(tc.tolist(), s.tolist()) for tc, s in m.calls] == [([1.0, 1.0], [0.0, 0.0])]
-    assert z_fake.requires_grad        # the one-step output carries gradient to the model
+    assert z_fake.requires_grad  # the one-step output carries gradient to the model
     z_fake.sum().backward()
     assert m.b.grad.item() == pytest.approx(-zl.sum().item(), rel=1e-5)
 
@@ -95,10 +107,10 @@ def test_one_step_fake_uses_t_cur_1_and_t_tar_0():
 def test_data_loss_mse_plus_weighted_lpips_on_01_images():
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
-    x_fake = torch.randn(2, 3, 4, 4, generator=g) * 1.5          # some values outside [-1, 1]
+    x_fake = torch.randn(2, 3, 4, 4, generator=g) * 1.5  # some values outside [-1, 1]
     seen = []
 
-    def stub(x, y):   # a per-image L1 "perceptual" distance; records what it was given
+    def stub(x, y):  # a per-image L1 "perceptual" distance; records what it was given
         seen.append((x, y))
         return (x - y).abs().mean((1, 2, 3))
 
@@ -108,10 +120,10 @@ def test_data_loss_mse_plus_weighted_lpips_on_01_images():
     assert data_loss(x_fake, x0).item() == pytest.approx(want_mse, rel=1e-6)
     assert data_loss(x_fake, x0, stub, 0.5).item() == pytest.approx(want_mse + 0.5 * want_lp, rel=1e-6)
     x, y = seen[0]
-    assert x.min() >= 0 and x.max() <= 1 and y.min() >= 0 and y.max() <= 1   # LPIPS takes [0, 1] images
+    assert x.min() >= 0 and x.max() <= 1 and y.min() >= 0 and y.max() <= 1  # LPIPS takes [0, 1] images
     seen.clear()
     assert data_loss(x_fake, x0, stub, 0.0).item() == pytest.approx(want_mse, rel=1e-6)
-    assert not seen                                                           # lambda 0: LPIPS not even run
+    assert not seen  # lambda 0: LPIPS not even run
 
 
 def test_data_loss_jitter_crops_both_images_at_each_samples_offset():
@@ -119,20 +131,22 @@ def test_data_loss_jitter_crops_both_images_at_each_samples_offset():
     g = torch.Generator().manual_seed(4)
     x0, x_fake = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
     seen = []
-    stub = lambda x, y: seen.append((x, y)) or (x - y).abs().mean((1, 2, 3))   # noqa: E731
+    stub = lambda x, y: seen.append((x, y)) or (x - y).abs().mean((1, 2, 3))  # noqa: E731
     shift = torch.tensor([[0, 3], [2, 1]])
     got = data_loss(x_fake, x0, stub, 1.0, shift, jitter=4)
     x, y = seen[0]
     assert x.shape == y.shape == (2, 3, 5, 5)
     for i, (dy, dx) in enumerate(shift.tolist()):
-        torch.testing.assert_close(y[i], (x0[i, :, dy:dy + 5, dx:dx + 5] + 1) / 2)
-        torch.testing.assert_close(x[i], (x_fake[i, :, dy:dy + 5, dx:dx + 5] + 1) / 2)
+        torch.testing.assert_close(y[i], (x0[i, :, dy : dy + 5, dx : dx + 5] + 1) / 2)
+        torch.testing.assert_close(x[i], (x_fake[i, :, dy : dy + 5, dx : dx + 5] + 1) / 2)
     assert got.item() == pytest.approx(mse(x_fake, x0) + (x - y).abs().mean().item(), rel=1e-6)
     # a pattern of period 4 is one image to an unjittered stride-4 probe and four images to a jittered one
-    stripes = -torch.ones(1, 3, 8, 8)                  # images in [-1, 1]: black with white columns 0 and 4
+    stripes = -torch.ones(1, 3, 8, 8)  # images in [-1, 1]: black with white columns 0 and 4
     stripes[..., ::4] = 1.0
-    probe = lambda x, y: x[..., ::4].mean((1, 2, 3))   # noqa: E731  (a stride-4 sampler, like AlexNet's first conv)
-    seen_offsets = {round(data_loss(stripes, stripes, probe, 1.0, torch.tensor([[0, k]]), jitter=4).item(), 3) for k in range(4)}
+    probe = lambda x, y: x[..., ::4].mean((1, 2, 3))  # noqa: E731  (a stride-4 sampler, like AlexNet's first conv)
+    seen_offsets = {
+        round(data_loss(stripes, stripes, probe, 1.0, torch.tensor([[0, k]]), jitter=4).item(), 3) for k in range(4)
+    }
     assert seen_offsets == {0.0, 1.0}
 
 
@@ -146,7 +160,7 @@ def test_adv_loss_negative_target_time_and_stop_gradient_on_z_fake():
     assert loss.item() == pytest.approx(mse(hand_v(zp, t, zl, -t), eps_f - zf), rel=1e-6)
     assert [(tc.tolist(), s.tolist()) for tc, s in m.calls] == [(t.tolist(), (-t).tolist())]
     loss.backward()
-    assert z_fake.grad is None                  # sg(z_fake): the fake trajectory does not move the one-step output
+    assert z_fake.grad is None  # sg(z_fake): the fake trajectory does not move the one-step output
     assert m.a.grad is not None and m.a.grad.abs() > 0
 
 
@@ -161,13 +175,13 @@ def test_rect_loss_gradient_is_2_w_dv_over_numel(tar):
     cfg = SADConfig(tar=tar)
     loss = rect_loss(m, f_leaf, zf_leaf, zl, s, eps_r, cfg)
     # for this model v(z, s, zl, -s) - v(z, s, zl, s) = -2 d s whatever z is
-    w = torch.tensor([2.25, 0.5]) if tar else torch.ones(2)    # (1-s)^2/s at s = 1/4 and 1/2
+    w = torch.tensor([2.25, 0.5]) if tar else torch.ones(2)  # (1-s)^2/s at s = 1/4 and 1/2
     dv = (w * -2 * D * s).view(-1, 1, 1, 1).expand(SHAPE)
-    assert loss.item() == pytest.approx((dv ** 2).mean().item(), rel=1e-6)   # ||F - (F - dv)||^2
+    assert loss.item() == pytest.approx((dv**2).mean().item(), rel=1e-6)  # ||F - (F - dv)||^2
     loss.backward()
     torch.testing.assert_close(f_leaf.grad, 2 * dv / f.numel())
-    assert zf_leaf.grad is None                 # the re-noised point is built from sg(z_fake)
-    assert m.d.grad is None or m.d.grad == 0    # the two velocity evaluations are under no_grad
+    assert zf_leaf.grad is None  # the re-noised point is built from sg(z_fake)
+    assert m.d.grad is None or m.d.grad == 0  # the two velocity evaluations are under no_grad
 
 
 def test_rect_norm_is_the_data_estimate_gap_over_the_mean_distance():
@@ -196,9 +210,9 @@ def test_rect_loss_step_moves_z_fake_from_fake_toward_real_data_estimate():
     rect_loss(m, f, z_fake, zl, s, eps_r, SADConfig()).backward()
     with torch.no_grad():
         zs = s.view(-1, 1, 1, 1) * eps_r + (1 - s.view(-1, 1, 1, 1)) * z_fake
-        x0_real = zs - s.view(-1, 1, 1, 1) * m(zs, s, zl, s)        # data estimate of the real trajectory
-        x0_fake = zs - s.view(-1, 1, 1, 1) * m(zs, s, zl, -s)       # ... and of the fake one
-    step = f.grad                               # SGD: dF = -lr grad, so dz_fake = -dF = +lr grad
+        x0_real = zs - s.view(-1, 1, 1, 1) * m(zs, s, zl, s)  # data estimate of the real trajectory
+        x0_fake = zs - s.view(-1, 1, 1, 1) * m(zs, s, zl, -s)  # ... and of the fake one
+    step = f.grad  # SGD: dF = -lr grad, so dz_fake = -dF = +lr grad
     cos = torch.nn.functional.cosine_similarity(step.flatten(1), (x0_real - x0_fake).flatten(1))
     torch.testing.assert_close(cos, torch.ones(2))
 
@@ -208,10 +222,10 @@ def test_tar_weight_values_and_clamps():
     torch.testing.assert_close(tar_weight(s), torch.tensor([0.5, 2.25, 8.1, 0.0]))
     # w_max bound: (1-0.05)^2/0.05 = 18.05 -> 10; s_min clamp: s = 0.001 -> 0.02 -> 48.02 (under w_max = 100)
     assert tar_weight(torch.tensor([0.05])).item() == pytest.approx(10.0)
-    assert tar_weight(torch.tensor([0.001]), s_min=0.02, w_max=100).item() == pytest.approx(0.98 ** 2 / 0.02, rel=1e-6)
+    assert tar_weight(torch.tensor([0.001]), s_min=0.02, w_max=100).item() == pytest.approx(0.98**2 / 0.02, rel=1e-6)
     assert tar_weight(torch.tensor([0.0]), s_min=0.5, w_max=100).item() == pytest.approx(0.5)
     w = tar_weight(torch.linspace(0, 1, 101))
-    assert torch.all(w[1:] <= w[:-1]) and torch.isfinite(w).all()   # monotone, finite at s = 0
+    assert torch.all(w[1:] <= w[:-1]) and torch.isfinite(w).all()  # monotone, finite at s = 0
 
 
 def test_sample_t_uniform_and_logit_normal():
@@ -231,9 +245,13 @@ def test_sample_t_uniform_and_logit_normal():
 
 
 def _draws(seed=0, shape=SHAPE[1:]):
-    return {k: torch.stack([v0, v1]) for (k, v0), v1 in zip(
-        draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed)).items(),
-        draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed + 1)).values())}
+    return {
+        k: torch.stack([v0, v1])
+        for (k, v0), v1 in zip(
+            draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed)).items(),
+            draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed + 1)).values(),
+        )
+    }
 
 
 def test_sad_losses_flow_only_equals_flow_loss():
@@ -249,7 +267,7 @@ def test_sad_losses_flow_only_equals_flow_loss():
 def test_sad_losses_weighted_sum_of_all_terms():
     z0, zl, *_ = tensors(8)
     d = _draws(3)
-    x0 = z0.tanh()                              # "images" for a codec whose decoder doubles the latent
+    x0 = z0.tanh()  # "images" for a codec whose decoder doubles the latent
     cfg = SADConfig(lambda_cons=0.5, lambda_data=2.0, lambda_adv=0.25, lambda_rect=3.0)
     out = sad_losses(Linear(), z0, zl, d, cfg, decode=lambda z: 2 * z, x0=x0)
     assert set(out) == {"flow", "cons", "data", "adv", "rect", "loss"}
@@ -265,15 +283,26 @@ def test_sad_losses_backward_on_real_dit():
     """The whole SAD step differentiates through the real model, with finite gradients on every weight."""
     torch.manual_seed(0)
     model = TeasrDiT(DiTConfig(hidden_size=32, depth=1, num_heads=2)).train()
-    with torch.no_grad():                 # adaLN-Zero starts as a zero map: perturb so every weight matters
+    with torch.no_grad():  # adaLN-Zero starts as a zero map: perturb so every weight matters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     g = torch.Generator().manual_seed(0)
     z0, zl = torch.randn(2, 48, 4, 4, generator=g), torch.randn(2, 48, 4, 4, generator=g)
-    d = {k: torch.stack([v0, v1]) for (k, v0), v1 in zip(draw_sample((48, 4, 4), SADConfig(), g).items(),
-                                                         draw_sample((48, 4, 4), SADConfig(), g).values())}
-    out = sad_losses(model, z0, zl, d, SADConfig(), decode=lambda z: torch.pixel_shuffle(z, 4),
-                     x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1))
+    d = {
+        k: torch.stack([v0, v1])
+        for (k, v0), v1 in zip(
+            draw_sample((48, 4, 4), SADConfig(), g).items(), draw_sample((48, 4, 4), SADConfig(), g).values()
+        )
+    }
+    out = sad_losses(
+        model,
+        z0,
+        zl,
+        d,
+        SADConfig(),
+        decode=lambda z: torch.pixel_shuffle(z, 4),
+        x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1),
+    )
     out["loss"].backward()
     grads = [p.grad for p in model.parameters()]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
@@ -311,7 +340,7 @@ def test_per_graph_backward_equals_one_backward_of_the_sum():
         loss.backward()
 
     split = sad_losses(model, z0, zl, d, cfg, backward=backward, no_sync=no_sync, **kw)
-    assert calls == [1, 2, 3, 3]                  # 4 graphs; the last one is built and reduced outside no_sync
+    assert calls == [1, 2, 3, 3]  # 4 graphs; the last one is built and reduced outside no_sync
     assert not any(v.requires_grad for v in split.values())
     for k in whole:
         assert split[k].item() == pytest.approx(whole[k].item(), rel=1e-6), k
@@ -325,15 +354,15 @@ def test_draw_sample_reproducible_per_generator_seed():
     b = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     c = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(12))
     assert set(a) == {"eps", "t", "s_cons", "eps_one", "t_adv", "eps_adv", "s_rect", "eps_rect", "lpips_shift"}
-    assert a["lpips_shift"].tolist() == [0, 0]                  # no jitter configured
+    assert a["lpips_shift"].tolist() == [0, 0]  # no jitter configured
     j = draw_sample(shape, SADConfig(lpips_jitter=4), torch.Generator().manual_seed(11))
-    assert all(torch.equal(a[k], j[k]) for k in a if k != "lpips_shift")   # jitter adds a draw, changes none
+    assert all(torch.equal(a[k], j[k]) for k in a if k != "lpips_shift")  # jitter adds a draw, changes none
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["eps"], c["eps"]) and a["t"] != c["t"]
     for k in ("eps", "eps_one", "eps_adv", "eps_rect"):
         assert a[k].shape == shape
-    assert not torch.equal(a["eps"], a["eps_one"])              # independent noises
+    assert not torch.equal(a["eps"], a["eps_one"])  # independent noises
     for seed in range(50):
         d = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed))
-        assert 0 <= d["s_cons"] <= d["t"] < 1                       # s ~ U(0, t)
+        assert 0 <= d["s_cons"] <= d["t"] < 1  # s ~ U(0, t)
         assert 1e-3 <= d["t_adv"] <= 1 and 1e-3 <= d["s_rect"] <= 1

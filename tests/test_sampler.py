@@ -8,11 +8,10 @@ from teasr_cli.sampler import sample, timesteps
 
 def data(seed=0, shape=(2, 48, 5, 7)):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)   # eps, z0
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # eps, z0
 
 
-@pytest.mark.parametrize("steps,want", [(1, [1.0, 0.0]), (2, [1.0, 0.5, 0.0]),
-                                        (4, [1.0, 0.75, 0.5, 0.25, 0.0])])
+@pytest.mark.parametrize("steps,want", [(1, [1.0, 0.0]), (2, [1.0, 0.5, 0.0]), (4, [1.0, 0.75, 0.5, 0.25, 0.0])])
 def test_timesteps_values(steps, want):
     assert timesteps(steps) == want
 
@@ -46,7 +45,7 @@ def test_sampler_feeds_back_its_current_latent(steps):
     seen = []
 
     def velocity(z, t_cur, z_lq, t_tar):
-        expect = t_cur * eps + (1 - t_cur) * z0          # where the sampler must be at t_cur
+        expect = t_cur * eps + (1 - t_cur) * z0  # where the sampler must be at t_cur
         seen.append((z - expect).abs().max().item())
         return (z - z0) / t_cur
 
@@ -67,8 +66,8 @@ def test_model_is_told_where_each_step_lands(steps):
     out = sample(velocity, eps, z0, steps)
     taus = timesteps(steps)
     assert [(a, b) for a, b, _ in calls] == list(zip(taus[:-1], taus[1:]))
-    assert all(zl is z0 for _, _, zl in calls)       # the condition is passed through untouched
-    assert torch.equal(out, eps)                     # zero velocity: the noise comes back unchanged
+    assert all(zl is z0 for _, _, zl in calls)  # the condition is passed through untouched
+    assert torch.equal(out, eps)  # zero velocity: the noise comes back unchanged
 
 
 @pytest.mark.parametrize("steps", [1, 4])

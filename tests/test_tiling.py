@@ -42,6 +42,7 @@ def photo_latents(size=96, seed=0):
 
 # ------------------------------------------------------------------ the grid
 
+
 def test_tile_starts_cover_the_range_with_at_least_the_overlap():
     for size in range(1, 60):
         for tile in range(2, 24):
@@ -64,7 +65,7 @@ def test_blend_weights_sum_to_one_everywhere(H, W, tile, overlap):
     for (y, x, h, w), wt in zip(tiles, norm):
         assert wt.shape == (h, w) and y + h <= H and x + w <= W
         assert (wt >= 0).all() and (wt <= 1 + 1e-6).all()
-        total[y:y + h, x:x + w] += wt
+        total[y : y + h, x : x + w] += wt
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-6, rtol=0)
     assert len(tiles) == len(tile_starts(H, min(tile, H), overlap)) * len(tile_starts(W, min(tile, W), overlap))
 
@@ -85,6 +86,7 @@ def test_overlap_must_be_smaller_than_the_tile():
 
 
 # ------------------------------------------------------------------ tiled vs whole
+
 
 def test_one_tile_larger_than_the_latent_is_bitwise_the_untiled_call():
     noise, z_lq = photo_latents(48)
@@ -118,7 +120,7 @@ def test_no_seams_on_a_real_photo_with_a_3x3_model():
         assert len(tv.grid(H, W)[0]) >= 4, "the test needs a real grid"
         covered = torch.zeros(H, W)
         for y, x, h, w in tv.grid(H, W)[0]:
-            covered[y:y + h, x:x + w] += 1
+            covered[y : y + h, x : x + w] += 1
         assert (covered >= 2).sum() > 0.2 * H * W, "blend zones must be a real part of the image"
         torch.testing.assert_close(tv(noise, 0.7, z_lq, 0.2), full, atol=1e-5, rtol=0)
 
@@ -127,7 +129,7 @@ def test_no_seams_on_a_real_photo_with_a_3x3_model():
 def test_tile_batches_equal_one_tile_at_a_time(B):
     noise, z_lq = photo_latents(64)
     noise, z_lq = noise.repeat(B, 1, 1, 1), z_lq.repeat(B, 1, 1, 1)
-    if B == 2:   # two different images in one batch: tile batching must not mix them up
+    if B == 2:  # two different images in one batch: tile batching must not mix them up
         noise[1], z_lq[1] = -noise[1], z_lq[1].flip(-1)
     model = LocalModel(3)
     one = TiledVelocity(model, 8, 3, batch=1)(noise, 0.7, z_lq, 0.2)
@@ -135,7 +137,7 @@ def test_tile_batches_equal_one_tile_at_a_time(B):
     model.calls.clear()
     many = TiledVelocity(model, 8, 3, batch=4)(noise, 0.7, z_lq, 0.2)
     assert len(model.calls) == -(-n_tiles // 4) and model.calls[0][0] == 4 * B
-    torch.testing.assert_close(many, one, atol=1e-5, rtol=0)   # batched conv may sum in another order
-    if B == 2:   # each image equals its own run
+    torch.testing.assert_close(many, one, atol=1e-5, rtol=0)  # batched conv may sum in another order
+    if B == 2:  # each image equals its own run
         alone = TiledVelocity(model, 8, 3, batch=3)(noise[1:], 0.7, z_lq[1:], 0.2)
         torch.testing.assert_close(many[1:], alone, atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """Training (teasr_cli/trainer.py, lora.py): recipes, condition-branch LoRA, export, accumulation, resume,
 data determinism, a short real run, the CLI, and a 2-process CPU DDP run. Tiny models, real photos."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,15 @@ from teasr_cli.errors import TeasrError
 from teasr_cli.folders import load_pretrained, model_config, save_pretrained
 from teasr_cli.model import CondLoRALinear, DiTConfig, TeasrDiT
 from teasr_cli.sad import SADConfig, draw_sample, sad_losses
-from teasr_cli.trainer import (TrainConfig, build_model, export_model, latest_checkpoint, make_batch, pick_degradation,
-                               train)
+from teasr_cli.trainer import (
+    TrainConfig,
+    build_model,
+    export_model,
+    latest_checkpoint,
+    make_batch,
+    pick_degradation,
+    train,
+)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +39,7 @@ FAST = dict(degradation="bicubic", lpips="", threads=1, sample_every=0, log_ever
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
@@ -55,8 +64,9 @@ def prior_dir(tmp_path_factory):
 
 
 def tiny_cfg(photos, out, **kw) -> TrainConfig:
-    return TrainConfig.load(None, **{"data": str(photos), "out": str(out), "model": dict(TINY), "crop": 32,
-                                     "stage": "prior", **FAST, **kw})
+    return TrainConfig.load(
+        None, **{"data": str(photos), "out": str(out), "model": dict(TINY), "crop": 32, "stage": "prior", **FAST, **kw}
+    )
 
 
 def randomize_lora(model, seed=1, std=0.1):
@@ -105,7 +115,7 @@ def test_config_recipe_stage_tables_and_overrides(tmp_path):
     assert (prior.steps, prior.lr, prior.crop, prior.betas, prior.lora_rank) == (100, 3e-4, 64, (0.9, 0.95), 128)
     assert prior.model == dict(TINY) and prior.sad.lambda_adv == 0.5 and prior.sad.tar_w_max == 5.0
     sad = TrainConfig.load(str(recipe), stage="sad", init="prior/", data="d")
-    assert (sad.steps, sad.lr, sad.lora_rank) == (7, 1e-4, 8)          # no lr in [stages.sad]: the flat one
+    assert (sad.steps, sad.lr, sad.lora_rank) == (7, 1e-4, 8)  # no lr in [stages.sad]: the flat one
     # command-line values win over the flat keys and over the stage table; None means "not given"
     cli = TrainConfig.load(str(recipe), stage="prior", steps=3, lr=1e-3, crop=None, sad={"lambda_adv": 2.0})
     assert (cli.steps, cli.lr, cli.crop, cli.sad.lambda_adv, cli.sad.tar_w_max) == (3, 1e-3, 64, 2.0, 5.0)
@@ -114,15 +124,18 @@ def test_config_recipe_stage_tables_and_overrides(tmp_path):
     assert again == sad
 
 
-@pytest.mark.parametrize("text, kw, words", [
-    ("lr = 1e-4\nlearning_rate = 1\n", {}, "learning_rate"),
-    ("[sad]\nlambda_gan = 1\n", {}, "sad.lambda_gan"),
-    ("[stages.prior]\nstep = 5\n", {}, "step"),
-    ("", {"stage": "sad"}, "--init"),
-    ("", {"stage": "distil"}, "prior, sad or regress"),
-    ("crop = 100\n", {}, "multiple of 32"),
-    ("lr = \n", {}, "cannot read recipe"),
-])
+@pytest.mark.parametrize(
+    "text, kw, words",
+    [
+        ("lr = 1e-4\nlearning_rate = 1\n", {}, "learning_rate"),
+        ("[sad]\nlambda_gan = 1\n", {}, "sad.lambda_gan"),
+        ("[stages.prior]\nstep = 5\n", {}, "step"),
+        ("", {"stage": "sad"}, "--init"),
+        ("", {"stage": "distil"}, "prior, sad or regress"),
+        ("crop = 100\n", {}, "multiple of 32"),
+        ("lr = \n", {}, "cannot read recipe"),
+    ],
+)
 def test_config_errors_are_one_line_teasr_errors(tmp_path, text, kw, words):
     recipe = tmp_path / "r.toml"
     recipe.write_text(text)
@@ -142,9 +155,11 @@ def test_shipped_recipe_loads_for_every_stage():
 
 # ----------------------------------------------------------------------------- condition-branch LoRA
 
+
 def sad_model(prior_dir, **kw):
-    cfg = TrainConfig.load(None, **{"stage": "sad", "init": str(prior_dir), "data": "d", "lora_rank": 4, "lora_alpha": 8,
-                                    "crop": 32, **kw})
+    cfg = TrainConfig.load(
+        None, **{"stage": "sad", "init": str(prior_dir), "data": "d", "lora_rank": 4, "lora_alpha": 8, "crop": 32, **kw}
+    )
     return build_model(cfg)
 
 
@@ -156,7 +171,7 @@ def test_lora_stage_trains_only_lora_and_condition_modules(prior_dir):
     lora_mods = {n.rsplit(".lora_", 1)[0] for n in trainable if "lora_" in n}
     targets = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
     assert lora_mods == {f"blocks.{b}.{m}" for b in (0, 1) for m in targets}
-    assert model.training          # load_pretrained gives eval(); gradient checkpointing runs in training mode only
+    assert model.training  # load_pretrained gives eval(); gradient checkpointing runs in training mode only
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
@@ -165,8 +180,15 @@ def test_lora_stage_trains_only_lora_and_condition_modules(prior_dir):
     draws = [draw_sample((48, 8, 8), SADConfig(), g) for _ in range(2)]
     draws = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
     for _ in range(3):
-        loss = sad_losses(model, z0, zl, draws, SADConfig(), decode=lambda z: torch.pixel_shuffle(z, 4),
-                          x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1))["loss"]
+        loss = sad_losses(
+            model,
+            z0,
+            zl,
+            draws,
+            SADConfig(),
+            decode=lambda z: torch.pixel_shuffle(z, 4),
+            x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1),
+        )["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -176,7 +198,7 @@ def test_lora_stage_trains_only_lora_and_condition_modules(prior_dir):
     # are dead ends: those LoRAs get exactly zero gradient (and, starting from B = 0, never move).
     dead = {n for n in names_of(model) if n.startswith(("blocks.1.attn.proj.lora", "blocks.1.mlp.fc"))}
     assert len(dead) == 6
-    assert changed == names_of(model) - dead        # every other trainable tensor moved, no frozen one did
+    assert changed == names_of(model) - dead  # every other trainable tensor moved, no frozen one did
 
 
 def test_gradient_checkpointing_engages_and_gives_the_same_gradients(prior_dir):
@@ -193,7 +215,7 @@ def test_gradient_checkpointing_engages_and_gives_the_same_gradients(prior_dir):
         loss.backward()
         grads.append({k: p.grad for k, p in model.named_parameters() if p.requires_grad})
         saved.append(n[0])
-    assert saved[1] < saved[0] / 2                    # checkpointing really ran (the model is in training mode)
+    assert saved[1] < saved[0] / 2  # checkpointing really ran (the model is in training mode)
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-7, msg=k)
 
@@ -205,8 +227,10 @@ def names_of(model):
 def _first_block_qk(model, z, zl, t, s):
     """q and k rows (all tokens) entering the first block's QK-norm."""
     seen = {}
-    hooks = [getattr(model.blocks[0].attn, k).register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, a[0]))
-             for k in ("q_norm", "k_norm")]
+    hooks = [
+        getattr(model.blocks[0].attn, k).register_forward_hook(lambda m, a, o, k=k: seen.setdefault(k, a[0]))
+        for k in ("q_norm", "k_norm")
+    ]
     with torch.no_grad():
         model(z, t, zl, s)
     for h in hooks:
@@ -220,11 +244,11 @@ def test_lora_reaches_condition_tokens_only(prior_dir):
     g = torch.Generator().manual_seed(0)
     z, zl = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
     t, s = torch.tensor([0.7, 0.2]), torch.tensor([0.3, 0.0])
-    n = 16                                                       # (8 / patch 2)^2 noise tokens
+    n = 16  # (8 / patch 2)^2 noise tokens
     (qb, kb), (ql, kl) = _first_block_qk(base, z, zl, t, s), _first_block_qk(lora, z, zl, t, s)
-    torch.testing.assert_close(ql[:, :, :n], qb[:, :, :n], rtol=0, atol=1e-6)   # noise tokens: the frozen prior
+    torch.testing.assert_close(ql[:, :, :n], qb[:, :, :n], rtol=0, atol=1e-6)  # noise tokens: the frozen prior
     torch.testing.assert_close(kl[:, :, :n], kb[:, :, :n], rtol=0, atol=1e-6)
-    assert (ql[:, :, n:] - qb[:, :, n:]).abs().max() > 1e-2                      # condition tokens: adapted
+    assert (ql[:, :, n:] - qb[:, :, n:]).abs().max() > 1e-2  # condition tokens: adapted
     # the per-token modulation of the noise tokens comes from the frozen adaLN too
     blk_b, blk_l = base.blocks[0], lora.blocks[0]
     with torch.no_grad():
@@ -245,11 +269,11 @@ def probe(seed):
 def test_export_gives_plain_model_with_identical_outputs(prior_dir, tmp_path):
     model, mcfg = sad_model(prior_dir)
     randomize_lora(model)
-    with torch.no_grad():                                         # as if training had moved them too
+    with torch.no_grad():  # as if training had moved them too
         model.c_embedder.weight.mul_(1.1)
         model.t2_embedder.mlp[0].bias.add_(0.05)
     folder = export_model(model, mcfg, tmp_path / "exported", meta={"trained": {"stage": "sad"}})
-    assert any(type(m).__module__.startswith("peft") for m in model.modules())   # the training model is untouched
+    assert any(type(m).__module__.startswith("peft") for m in model.modules())  # the training model is untouched
     plain, cfg = load_pretrained(folder)
     assert not any(type(m).__module__.startswith("peft") for m in plain.modules())
     assert sum(isinstance(m, CondLoRALinear) for m in plain.modules()) == 10
@@ -259,7 +283,7 @@ def test_export_gives_plain_model_with_identical_outputs(prior_dir, tmp_path):
         want, got = model.eval()(z, t, zl, s), plain(z, t, zl, s)
         base = load_pretrained(prior_dir)[0](z, t, zl, s)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert (want - base).abs().max() > 1e-3                      # and the LoRA did change the output
+    assert (want - base).abs().max() > 1e-3  # and the LoRA did change the output
 
 
 def test_sad_continues_an_exported_model_with_more_rank(prior_dir, tmp_path):
@@ -287,7 +311,7 @@ def test_export_truncates_lora_rank_by_svd(prior_dir, tmp_path):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_A" in n:
-                p[4:] = 0                       # each delta B A now has rank 4
+                p[4:] = 0  # each delta B A now has rank 4
     full = export_model(model, mcfg, tmp_path / "full")
     four, two = (export_model(model, mcfg, tmp_path / f"r{r}", lora_rank=r) for r in (4, 2))
     z, t, zl, s = probe(3)
@@ -301,6 +325,7 @@ def test_export_truncates_lora_rank_by_svd(prior_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- data: determinism and sizes
+
 
 @pytest.mark.parametrize("degradation", ["bicubic", "mild", "realesrgan"])
 def test_batches_are_deterministic_per_sample_and_sized(photos, degradation):
@@ -316,16 +341,16 @@ def test_batches_are_deterministic_per_sample_and_sized(photos, degradation):
     assert torch.equal(hq2, hq[1:]) and torch.equal(lq2, lq[1:]) and all(torch.equal(d2[k], d[k][1:]) for k in d)
     assert not torch.equal(hq[0], hq[1]) and not torch.equal(d["eps"][0], d["eps"][1])
     other = make_batch(images, tiny_cfg(photos, "unused", degradation=degradation, crop=64, seed=1), 0, 3, shape, "cpu")
-    assert not torch.equal(other[0], hq)                         # another seed, other crops
+    assert not torch.equal(other[0], hq)  # another seed, other crops
 
 
 def test_hq_images_stream_from_disk_with_a_bounded_cache(photos, tmp_path):
     """Decoded photos are kept for the last `cache` images only; pixels are the files' own (8 bit, exactly as
     Pillow decodes them), with a phone's EXIF rotation applied; unusable files are remembered, not re-read."""
     files = sorted(photos.glob("*.png"))
-    arr = getattr(skdata, "chelsea")()   # 300 x 451
+    arr = getattr(skdata, "chelsea")()  # 300 x 451
     exif = Image.Exif()
-    exif[0x0112] = 6                     # "rotate 90 degrees clockwise to display"
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(arr).save(tmp_path / "phone.jpg", quality=95, exif=exif)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     images = HQImages([*files, tmp_path / "phone.jpg", tmp_path / "broken.png"], 64, cache=2)
@@ -333,11 +358,11 @@ def test_hq_images_stream_from_disk_with_a_bounded_cache(photos, tmp_path):
         expected = torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(images.load(i), expected)
         assert len(images._mem) == min(i + 1, 2)
-    assert list(images._mem) == [1, 2]                # least recently used first out
+    assert list(images._mem) == [1, 2]  # least recently used first out
     images.load(1)
     images.load(3)
     assert list(images._mem) == [1, 3]
-    with Image.open(tmp_path / "phone.jpg") as im:    # the JPEG's own pixels, turned upright
+    with Image.open(tmp_path / "phone.jpg") as im:  # the JPEG's own pixels, turned upright
         upright = torch.from_numpy(np.rot90(np.asarray(im.convert("RGB")), -1).copy()).permute(2, 0, 1)
     assert torch.equal(images.load(3), upright) and images.load(3).shape == (3, 451, 300)
     with pytest.warns(UserWarning, match="broken.png"):
@@ -350,14 +375,14 @@ def test_hq_images_stream_from_disk_with_a_bounded_cache(photos, tmp_path):
 def test_degradation_mixture_draws_each_kind_per_sample_reproducibly(photos):
 
     mix = {"bicubic": 1.0, "realesrgan": 1.0}
-    g = lambda k: torch.Generator().manual_seed(k)   # noqa: E731
+    g = lambda k: torch.Generator().manual_seed(k)  # noqa: E731
     kinds = [pick_degradation(mix, g(k)) for k in range(40)]
     assert set(kinds) == set(mix) and kinds == [pick_degradation(mix, g(k)) for k in range(40)]
     assert pick_degradation({"mild": 0.0, "bicubic": 2.0}, g(0)) == "bicubic"
     cfg = tiny_cfg(photos, "unused", degradation=mix, crop=64)
     hq, lq, _ = make_batch(HQImages(list_images(cfg.data), cfg.crop), cfg, 0, 8, (48, 16, 16), "cpu")
-    clean = [torch.equal(lq[i], bicubic_lq(hq[i:i + 1], 4)[0]) for i in range(8)]
-    assert any(clean) and not all(clean)          # some samples plain bicubic, others degraded
+    clean = [torch.equal(lq[i], bicubic_lq(hq[i : i + 1], 4)[0]) for i in range(8)]
+    assert any(clean) and not all(clean)  # some samples plain bicubic, others degraded
     for bad in ({"bicubic": -1.0}, {"jpeg": 1.0}, {}, "heavy", {"mild": "x"}):
         with pytest.raises(TeasrError, match="degradation"):
             tiny_cfg(photos, "unused", degradation=bad)
@@ -379,6 +404,7 @@ def test_a_prior_can_grow_a_conv_head(photos, prior_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- the loop
 
+
 def test_grad_accumulation_matches_bigger_batch(photos, tmp_path):
     """batch 2 x accum 1 and batch 1 x accum 2 see the same samples and give the same weights."""
     big = tmp_path / "big"
@@ -388,7 +414,7 @@ def test_grad_accumulation_matches_bigger_batch(photos, tmp_path):
     a, b = trainable_weights(big, 2), trainable_weights(acc, 2)
     assert_same(a, b, atol=1e-6)
     init = TeasrDiT(DiTConfig.from_dict({"latent_channels": 48, **TINY})).state_dict()
-    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-3   # the two steps did move the weights
+    assert max((a[k] - init[k]).abs().max() for k in a) > 1e-3  # the two steps did move the weights
 
 
 def test_resume_after_kill_equals_uninterrupted_run(photos, tmp_path):
@@ -396,22 +422,25 @@ def test_resume_after_kill_equals_uninterrupted_run(photos, tmp_path):
     kw = dict(steps=4, batch_size=2, lr=1e-3, ckpt_every=1, keep_last=10, ema=0.9)
     train(tiny_cfg(photos, straight, **kw))
 
-    def die_at_step_3(rec):   # step 3 is computed and logged, but killed before its checkpoint is written
+    def die_at_step_3(rec):  # step 3 is computed and logged, but killed before its checkpoint is written
         if rec.get("step") == 3:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg(photos, killed, **kw), callback=die_at_step_3)
     assert latest_checkpoint(killed).name == "ckpt-0000002"
-    (killed / ".ckpt-0000003.tmp").mkdir()                       # a half-written checkpoint is ignored
+    (killed / ".ckpt-0000003.tmp").mkdir()  # a half-written checkpoint is ignored
     (killed / ".ckpt-0000003.tmp" / "state.json").write_text("{}")
-    (killed / "ckpt-0000009").mkdir()                           # so is a folder without its state.json
+    (killed / "ckpt-0000009").mkdir()  # so is a folder without its state.json
     assert latest_checkpoint(killed).name == "ckpt-0000002"
     with pytest.raises(TeasrError, match="--resume"):
-        train(tiny_cfg(photos, killed, **kw))                   # not resuming an existing run is refused
+        train(tiny_cfg(photos, killed, **kw))  # not resuming an existing run is refused
     train(tiny_cfg(photos, killed, **kw), resume=True)
     for f in ("trainable", "optimizer", "ema"):
-        assert_same(load_file(straight / "ckpt-0000004" / f"{f}.safetensors"),
-                    load_file(killed / "ckpt-0000004" / f"{f}.safetensors"))
+        assert_same(
+            load_file(straight / "ckpt-0000004" / f"{f}.safetensors"),
+            load_file(killed / "ckpt-0000004" / f"{f}.safetensors"),
+        )
     s1, s2 = (json.loads((r / "ckpt-0000004" / "state.json").read_text()) for r in (straight, killed))
     assert s1 == s2 and s1["step"] == 4
     assert_same(load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors"))
@@ -434,18 +463,20 @@ def test_resume_with_a_new_learning_rate_uses_it(photos, tmp_path):
 def test_short_prior_run_on_real_photos_lowers_flow_loss(photos, tmp_path):
     """20 steps on three real photos. The logged flow loss is noisy (random t per sample), so besides first-5 vs
     last-5 it is compared with a run at lr 0, which sees exactly the same samples, times and noise."""
+
     def run(name, lr):
         recs = []
-        out = train(tiny_cfg(photos, tmp_path / name, steps=20, batch_size=4, crop=64, lr=lr, seed=0),
-                    callback=recs.append)
+        out = train(
+            tiny_cfg(photos, tmp_path / name, steps=20, batch_size=4, crop=64, lr=lr, seed=0), callback=recs.append
+        )
         return out, [r["flow"] for r in recs if "flow" in r]
 
     out, flow = run("run", 3e-3)
     _, frozen = run("frozen", 0.0)
     assert len(flow) == 20 and all(np.isfinite(flow))
-    assert flow[0] == pytest.approx(frozen[0], rel=1e-6)          # same first batch, same weights
-    assert np.mean(flow[-5:]) < 0.92 * np.mean(flow[:5])             # 0.85 here; about 1 untrained
-    assert np.mean(flow[-5:]) < 0.9 * np.mean(frozen[-5:])           # 0.79 here; exactly 1 untrained
+    assert flow[0] == pytest.approx(frozen[0], rel=1e-6)  # same first batch, same weights
+    assert np.mean(flow[-5:]) < 0.92 * np.mean(flow[:5])  # 0.85 here; about 1 untrained
+    assert np.mean(flow[-5:]) < 0.9 * np.mean(frozen[-5:])  # 0.79 here; exactly 1 untrained
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "start" and lines[-1]["event"] == "export"
     assert [ln["flow"] for ln in lines if "flow" in ln] == flow
@@ -456,12 +487,26 @@ def test_sad_stage_run_changes_only_condition_branch(photos, prior_dir, tmp_path
     """`train` for stage sad (every SAD term, LPIPS when available): the exported model keeps every frozen weight."""
     try:
         from teasr_cli.metrics import LPIPS  # noqa: F401
+
         lpips = "alex"
     except ImportError:
         lpips = ""
     recs = []
-    out = train(tiny_cfg(photos, tmp_path / "sad", stage="sad", init=str(prior_dir), steps=2, batch_size=2, lr=1e-2,
-                         lora_rank=4, lora_alpha=4, lpips=lpips), callback=recs.append)
+    out = train(
+        tiny_cfg(
+            photos,
+            tmp_path / "sad",
+            stage="sad",
+            init=str(prior_dir),
+            steps=2,
+            batch_size=2,
+            lr=1e-2,
+            lora_rank=4,
+            lora_alpha=4,
+            lpips=lpips,
+        ),
+        callback=recs.append,
+    )
     log = [r for r in recs if "loss" in r][-1]
     assert {"flow", "cons", "data", "adv", "rect"} <= log.keys() and np.isfinite(log["loss"])
     prior, got = load_file(prior_dir / "model.safetensors"), load_file(out / "model.safetensors")
@@ -469,9 +514,9 @@ def test_sad_stage_run_changes_only_condition_branch(photos, prior_dir, tmp_path
     for k, v in prior.items():
         k2 = k if k in got else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         if k.startswith(("c_embedder.", "t2_embedder.")):
-            assert not torch.equal(got[k2], v), k            # trained in full
+            assert not torch.equal(got[k2], v), k  # trained in full
         else:
-            assert torch.equal(got[k2], v), k                # the noise branch / generative prior is untouched
+            assert torch.equal(got[k2], v), k  # the noise branch / generative prior is untouched
     assert any(got[k].abs().max() > 0 for k in lora_keys if "lora_up" in k)
 
 
@@ -479,11 +524,23 @@ def test_sad_stage_can_train_the_conv_head_too(photos, prior_dir, tmp_path):
     """train_head: the head moves with the LoRA, every other noise-branch weight stays the prior's; a model
     without a head is a one-line error."""
     grown, mcfg = build_model(tiny_cfg(photos, tmp_path / "g", init=str(prior_dir), model={**TINY, "head_channels": 8}))
-    with torch.no_grad():   # a trained head is not the identity: give its zero-initialised output conv weights
+    with torch.no_grad():  # a trained head is not the identity: give its zero-initialised output conv weights
         grown.head.out.weight.normal_(0, 0.05)
     export_model(grown, mcfg, tmp_path / "headed")
-    out = train(tiny_cfg(photos, tmp_path / "sad", stage="sad", init=str(tmp_path / "headed"), steps=2, batch_size=2,
-                         lr=1e-2, lora_rank=4, lora_alpha=4, train_head=True))
+    out = train(
+        tiny_cfg(
+            photos,
+            tmp_path / "sad",
+            stage="sad",
+            init=str(tmp_path / "headed"),
+            steps=2,
+            batch_size=2,
+            lr=1e-2,
+            lora_rank=4,
+            lora_alpha=4,
+            train_head=True,
+        )
+    )
     prior, got = load_file(tmp_path / "headed" / "model.safetensors"), load_file(out / "model.safetensors")
     for k, v in prior.items():
         k2 = k if k in got else k.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
@@ -492,8 +549,14 @@ def test_sad_stage_can_train_the_conv_head_too(photos, prior_dir, tmp_path):
     with pytest.raises(TeasrError, match="conv head"):
         build_model(tiny_cfg(photos, tmp_path / "x", stage="sad", init=str(prior_dir), train_head=True))
     # a deeper head: the new residual convs start at zero (the same function) and then train
-    deep = dict(stage="sad", init=str(tmp_path / "headed"), lora_rank=4, lora_alpha=4, train_head=True,
-                model={**TINY, "head_channels": 8, "head_depth": 4})
+    deep = dict(
+        stage="sad",
+        init=str(tmp_path / "headed"),
+        lora_rank=4,
+        lora_alpha=4,
+        train_head=True,
+        model={**TINY, "head_channels": 8, "head_depth": 4},
+    )
     grown, mcfg = build_model(tiny_cfg(photos, tmp_path / "d", **deep))
     assert len(grown.head.mid) == 4 and mcfg["model"]["head_depth"] == 4
     headed, _ = load_pretrained(tmp_path / "headed")
@@ -506,19 +569,21 @@ def test_sad_stage_can_train_the_conv_head_too(photos, prior_dir, tmp_path):
 def test_regress_stage_trains_every_weight_on_the_pixel_anchor_only(photos, tmp_path):
     """The regression baseline: the same network, one pass from t=1, MSE (+ LPIPS) only; all weights train."""
     recs = []
-    out = train(tiny_cfg(photos, tmp_path / "reg", stage="regress", steps=2, batch_size=2, lr=1e-2),
-                callback=recs.append)
+    out = train(
+        tiny_cfg(photos, tmp_path / "reg", stage="regress", steps=2, batch_size=2, lr=1e-2), callback=recs.append
+    )
     log = [r for r in recs if "loss" in r][-1]
     assert {k for k in log if k in ("flow", "cons", "data", "adv", "rect")} == {"data"}
     assert log["loss"] == pytest.approx(log["data"])
     init = TeasrDiT(DiTConfig.from_dict({"latent_channels": 48, **TINY})).state_dict()
     got = load_file(out / "model.safetensors")
     assert got.keys() == init.keys()
-    zero_init = [k for k in init if k.endswith(".weight") and not init[k].any()]   # adaLN-Zero and the final layer
+    zero_init = [k for k in init if k.endswith(".weight") and not init[k].any()]  # adaLN-Zero and the final layer
     assert len(zero_init) >= 3 and all(got[k].any() for k in zero_init)
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 @pytest.fixture
 def keep_signal_handlers():
@@ -535,26 +600,41 @@ def test_cli_train_resume_export_then_upscale(photos, tmp_path, keep_signal_hand
     from teasr_cli.cli import app
 
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
-                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
-                      'batch_size = 1\n[stages.prior]\nlr = 1e-3\n')
+    recipe.write_text(
+        "model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n"
+        'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nckpt_every = 1\n'
+        "batch_size = 1\n[stages.prior]\nlr = 1e-3\n"
+    )
     run = tmp_path / "run"
     runner = CliRunner()
     base = ["train", "--out", str(run), "--threads", "1"]
     r = runner.invoke(app, base + ["-c", str(recipe), "--data", str(photos), "--steps", "3", "--crop", "32"])
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run).name == "ckpt-0000003"
-    r = runner.invoke(app, base + ["--resume", "--steps", "5"])   # the saved config, 2 more steps
+    r = runner.invoke(app, base + ["--resume", "--steps", "5"])  # the saved config, 2 more steps
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run).name == "ckpt-0000005"
     steps = [json.loads(ln).get("step") for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in steps if s] == [1, 2, 3, 3, 4, 5, 5]        # logs, exports (3 and 5), no step repeated
+    assert [s for s in steps if s] == [1, 2, 3, 3, 4, 5, 5]  # logs, exports (3 and 5), no step repeated
     r = runner.invoke(app, ["train", "--export", str(run), "-o", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     assert_same(load_file(tmp_path / "m" / "model.safetensors"), load_file(run / "model" / "model.safetensors"))
     Image.fromarray(skdata.chelsea()).resize((32, 24)).save(tmp_path / "cat.png")
-    r = runner.invoke(app, ["upscale", str(tmp_path / "cat.png"), "-o", str(tmp_path / "cat4.png"), "-m",
-                            str(tmp_path / "m"), "--device", "cpu", "--threads", "1"])
+    r = runner.invoke(
+        app,
+        [
+            "upscale",
+            str(tmp_path / "cat.png"),
+            "-o",
+            str(tmp_path / "cat4.png"),
+            "-m",
+            str(tmp_path / "m"),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(tmp_path / "cat4.png").size == (128, 96)
     r = runner.invoke(app, ["train", "--export", str(tmp_path), "-o", str(tmp_path / "x")])
@@ -563,30 +643,69 @@ def test_cli_train_resume_export_then_upscale(photos, tmp_path, keep_signal_hand
 
 # ----------------------------------------------------------------------------- multi-process
 
+
 @pytest.mark.parametrize("stage", ["prior", "sad"])
 def test_two_process_cpu_ddp_matches_one_process_batch_2(photos, prior_dir, tmp_path, stage):
     """torchrun, 2 CPU processes (gloo), batch 1 each == 1 process, batch 2. Slow (~10-30 s): two interpreters.
     Stage sad back-propagates four graphs per step, three under no_sync: DDP must still average the sum."""
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text('model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n'
-                      'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nlr = 1e-3\n'
-                      'lora_rank = 4\nlora_alpha = 4\n')
+    recipe.write_text(
+        "model = { patch_size = 2, hidden_size = 32, depth = 1, num_heads = 2 }\n"
+        'degradation = "bicubic"\nlpips = ""\nsample_every = 0\nlog_every = 1\nlr = 1e-3\n'
+        "lora_rank = 4\nlora_alpha = 4\n"
+    )
     run = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     init = ["--init", str(prior_dir)] if stage == "sad" else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "teasr_cli", "train", "-c", str(recipe), "--data", str(photos), "--out", str(run),
-           "--stage", stage, *init, "--steps", "2", "--batch-size", "1", "--crop", "32", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "teasr_cli",
+        "train",
+        "-c",
+        str(recipe),
+        "--data",
+        str(photos),
+        "--out",
+        str(run),
+        "--stage",
+        stage,
+        *init,
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--crop",
+        "32",
+        "--threads",
+        "1",
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert [c.name for c in run.glob("ckpt-*")] == ["ckpt-0000002"]
     recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("event") for r in recs].count("start") == 1    # one writer: rank 0
+    assert [r.get("event") for r in recs].count("start") == 1  # one writer: rank 0
     log = recs[-2]
-    assert log["step"] == 2 and log["samples_s"] == pytest.approx(2 * log["it_s"])   # 2 processes x batch 1
+    assert log["step"] == 2 and log["samples_s"] == pytest.approx(2 * log["it_s"])  # 2 processes x batch 1
     one = tmp_path / "one"
-    train(tiny_cfg(photos, one, steps=2, batch_size=2, lr=1e-3, stage=stage, init=str(prior_dir) if init else None,
-                   lora_rank=4, lora_alpha=4))
+    train(
+        tiny_cfg(
+            photos,
+            one,
+            steps=2,
+            batch_size=2,
+            lr=1e-3,
+            stage=stage,
+            init=str(prior_dir) if init else None,
+            lora_rank=4,
+            lora_alpha=4,
+        )
+    )
     # rank r takes samples 2k + r: together the same samples as one process with batch 2, gradients averaged
     assert_same(trainable_weights(run, 2), trainable_weights(one, 2), atol=1e-6)
     assert (run / "model" / "model.safetensors").exists()

@@ -17,6 +17,7 @@ the CPU, so a broken check shows before a GPU is spent on it. accelerate-launch 
 
     python train/cuda_checks.py --json $OUT/checks.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,12 @@ def upscale_check(dtype: str, size: int):
             raise RuntimeError(f"teasr upscale --device {dev} --dtype {dtype}: {r.output.strip().splitlines()[-1:]}")
         outs[len(outs)] = np.asarray(Image.open(dst).convert("RGB"))
     p = psnr8(outs[0], outs[1])
-    detail = {"psnr_db": p, "max_abs": int(np.abs(outs[0].astype(int) - outs[1]).max()), "min_psnr_db": PSNR_MIN[dtype],
-              "input": f"{size}x{size}"}
+    detail = {
+        "psnr_db": p,
+        "max_abs": int(np.abs(outs[0].astype(int) - outs[1]).max()),
+        "min_psnr_db": PSNR_MIN[dtype],
+        "input": f"{size}x{size}",
+    }
     if not CUDA:
         raise Skip(f"no CUDA (ran cpu vs cpu: PSNR {p:.1f} dB)", detail)
     return p >= PSNR_MIN[dtype], f"PSNR {p:.1f} dB (>= {PSNR_MIN[dtype]}), max |diff| {detail['max_abs']}", detail
@@ -121,15 +126,17 @@ def sad_check(steps: int = 8):
     hist = []
     for _ in range(steps if CUDA else 3):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=CUDA):
-            out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
-                             backward=torch.Tensor.backward)
+            out = sad_losses(
+                model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips, backward=torch.Tensor.backward
+            )
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         hist.append({k: float(v) for k, v in out.items()})
-    finite = (all(math.isfinite(v) for h in hist for v in h.values())
-              and all(bool(p.isfinite().all()) for p in trainable))
-    key = "data" if "data" in hist[0] else "loss"   # the prior stage has no data term
+    finite = all(math.isfinite(v) for h in hist for v in h.values()) and all(
+        bool(p.isfinite().all()) for p in trainable
+    )
+    key = "data" if "data" in hist[0] else "loss"  # the prior stage has no data term
     first, last = hist[0][key], hist[-1][key]
     detail = {"stage": cfg.stage, "crop": crop, "batch": batch, "term": key, "history": hist}
     if not CUDA:
@@ -143,11 +150,39 @@ def accelerate_check():
     init, _ = gpu_train.start_point()
     data = str(gpu_train.PACK) if gpu_train.PACK.is_dir() else str(photo(256).parent)
     run = Path(tempfile.mkdtemp(prefix="teasr-accel-")) / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "bf16" if CUDA else "no", "--dynamo_backend", "no", *([] if CUDA else ["--cpu"]),
-           "-m", "teasr_cli", "train", "--stage", "sad", "--data", data, "--out", str(run),
-           "--init", str(init), "--steps", "3", "--batch-size", "2", "--crop", "64",
-           "--mixed-precision", "bf16" if CUDA else "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "bf16" if CUDA else "no",
+        "--dynamo_backend",
+        "no",
+        *([] if CUDA else ["--cpu"]),
+        "-m",
+        "teasr_cli",
+        "train",
+        "--stage",
+        "sad",
+        "--data",
+        data,
+        "--out",
+        str(run),
+        "--init",
+        str(init),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--crop",
+        "64",
+        "--mixed-precision",
+        "bf16" if CUDA else "no",
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t = time.time()
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -156,8 +191,12 @@ def accelerate_check():
     steps = max((x.get("step", 0) for x in recs if "loss" in x), default=0)
     ok = r.returncode == 0 and steps == 3 and (run / "model" / "model.safetensors").exists()
     tail = (r.stderr or r.stdout).strip().splitlines()[-1:] if not ok else []
-    return ok, f"rc {r.returncode}, {steps} steps, exported: {(run / 'model').exists()}, {time.time() - t:.0f} s" + \
-        (f"; {tail[0][:200]}" if tail else ""), {"cmd": cmd[2:], "rc": r.returncode}
+    return (
+        ok,
+        f"rc {r.returncode}, {steps} steps, exported: {(run / 'model').exists()}, {time.time() - t:.0f} s"
+        + (f"; {tail[0][:200]}" if tail else ""),
+        {"cmd": cmd[2:], "rc": r.returncode},
+    )
 
 
 def qwen_check():
@@ -182,12 +221,15 @@ def qwen_check():
         x = m.codec.decode(v)
         (v.square().mean() + x.square().mean()).backward()
         grads = [p.grad for p in m.parameters() if p.requires_grad]
-        res[mode] = {"out_finite": bool(v.isfinite().all() and x.isfinite().all()),
-                     "input_grad_finite": bool(z_t.grad.isfinite().all() and z_t.grad.abs().sum() > 0),
-                     "weight_grads": sum(g is not None and bool(g.isfinite().all()) for g in grads),
-                     "trainable": len(grads)}
+        res[mode] = {
+            "out_finite": bool(v.isfinite().all() and x.isfinite().all()),
+            "input_grad_finite": bool(z_t.grad.isfinite().all() and z_t.grad.abs().sum() > 0),
+            "weight_grads": sum(g is not None and bool(g.isfinite().all()) for g in grads),
+            "trainable": len(grads),
+        }
     ok = all(r["out_finite"] and r["input_grad_finite"] for r in res.values()) and all(
-        res[k]["weight_grads"] == res[k]["trainable"] for k in ("none", "model"))
+        res[k]["weight_grads"] == res[k]["trainable"] for k in ("none", "model")
+    )
     text = ", ".join(f"{k}: {r['weight_grads']}/{r['trainable']} weight grads" for k, r in res.items())
     if not CUDA:
         raise Skip(f"no CUDA (ran on the CPU: {text})", res)
@@ -204,13 +246,13 @@ def memory_check(dev: str = "cuda", runs: dict | None = None):
 
     spec = importlib.util.spec_from_file_location("train_memory", ROOT / "benchmarks" / "train_memory.py")
     bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench   # its dataclass looks its module up while the module runs
+    sys.modules[spec.name] = bench  # its dataclass looks its module up while the module runs
     spec.loader.exec_module(bench)
     runs = runs or json.loads((ROOT / "benchmarks" / "train_memory.json").read_text())["runs"]
     cuda = dev == "cuda"
     res = {}
     for name, run in runs.items():
-        if "malloc" in name:   # the same tensors as run A, another allocator: nothing new on a GPU
+        if "malloc" in name:  # the same tensors as run A, another allocator: nothing new on a GPU
             continue
         bc = bench.BenchConfig(**run["config"])
         for case in run["cases"]:
@@ -223,16 +265,26 @@ def memory_check(dev: str = "cuda", runs: dict | None = None):
             model = bench._student(prior, bc).to(dev)
             x0, z0, z_lq = x0.to(dev), z0.to(dev), z_lq.to(dev)
             flow_only, one = case["case"] == "lora-flow", case["case"] == "sad-one-backward"
-            sad_cfg = SADConfig(**({"lambda_cons": 0.0, "lambda_data": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0}
-                                   if flow_only else {}))
+            sad_cfg = SADConfig(
+                **({"lambda_cons": 0.0, "lambda_data": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0} if flow_only else {})
+            )
             lpips = None if flow_only else bench._lpips(bc)
             lpips = lpips.to(dev) if lpips is not None else None
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trainable, lr=5e-5, betas=(0.9, 0.99))
-            for i in range(2):   # as the CPU benchmark: the first step allocates AdamW's state
+            for i in range(2):  # as the CPU benchmark: the first step allocates AdamW's state
                 draws = {k: v.to(dev) for k, v in bench._draws(z0.shape[1:], sad_cfg, bc.batch, i).items()}
-                out = sad_losses(model, z0, z_lq, draws, sad_cfg, decode=codec.decode, x0=x0, lpips=lpips,
-                                 backward=None if one else torch.Tensor.backward)
+                out = sad_losses(
+                    model,
+                    z0,
+                    z_lq,
+                    draws,
+                    sad_cfg,
+                    decode=codec.decode,
+                    x0=x0,
+                    lpips=lpips,
+                    backward=None if one else torch.Tensor.backward,
+                )
                 if one:
                     out["loss"].backward()
                 opt.step()
@@ -240,30 +292,56 @@ def memory_check(dev: str = "cuda", runs: dict | None = None):
             if cuda:
                 torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-            res[f"{name} / {case['case']}"] = {"gpu_peak_mib": peak, "cpu_tensor_peak_mib": case["tensor_peak_mib"],
-                                               "gpu_over_cpu": peak / case["tensor_peak_mib"] if cuda else None,
-                                               "loss": float(out["loss"].detach())}
+            res[f"{name} / {case['case']}"] = {
+                "gpu_peak_mib": peak,
+                "cpu_tensor_peak_mib": case["tensor_peak_mib"],
+                "gpu_over_cpu": peak / case["tensor_peak_mib"] if cuda else None,
+                "loss": float(out["loss"].detach()),
+            }
             del model, opt, prior, lpips, out
     configs = [k.rsplit(" / ", 1)[0] for k in res if k.endswith(" / sad")]
-    ratio = {c: {w: (res[f"{c} / sad-one-backward"][w] / res[f"{c} / sad"][w]) if res[f"{c} / sad"][w] else None
-                 for w in ("gpu_peak_mib", "cpu_tensor_peak_mib")}
-             for c in configs if f"{c} / sad-one-backward" in res}
+    ratio = {
+        c: {
+            w: (res[f"{c} / sad-one-backward"][w] / res[f"{c} / sad"][w]) if res[f"{c} / sad"][w] else None
+            for w in ("gpu_peak_mib", "cpu_tensor_peak_mib")
+        }
+        for c in configs
+        if f"{c} / sad-one-backward" in res
+    }
     detail = {"cases": res, "one_backward_over_sad": ratio}
     if not cuda:
         raise Skip(f"not on CUDA (ran {len(res)} cases on the {dev})", detail)
-    text = "; ".join(f"{c.split(':')[0]}: one-backward/sad {r['gpu_peak_mib']:.2f} on GPU vs "
-                     f"{r['cpu_tensor_peak_mib']:.2f} on CPU" for c, r in ratio.items())
+    text = "; ".join(
+        f"{c.split(':')[0]}: one-backward/sad {r['gpu_peak_mib']:.2f} on GPU vs {r['cpu_tensor_peak_mib']:.2f} on CPU"
+        for c, r in ratio.items()
+    )
     c_run = next((c for c in ratio if c.startswith("C")), None)
-    ok = len(res) > 0 and all(math.isfinite(v["loss"]) for v in res.values()) and (
-        c_run is None or ratio[c_run]["gpu_peak_mib"] > 1)
+    ok = (
+        len(res) > 0
+        and all(math.isfinite(v["loss"]) for v in res.values())
+        and (c_run is None or ratio[c_run]["gpu_peak_mib"] > 1)
+    )
     return ok, text, detail
 
 
 # without CUDA: run C's cases at a size a CPU does in seconds, so the check's code is tried before a GPU is spent
-TINY_MEMORY_RUN = {name + " (tiny)": {**run, "config": {**run["config"], "hidden_size": 64, "depth": 2, "num_heads": 2,
-                                                         "crop": 64, "batch": 1, "lora_rank": 4, "threads": 1}}
-                   for name, run in json.loads((ROOT / "benchmarks/train_memory.json").read_text())["runs"].items()
-                   if name.startswith("C")}
+TINY_MEMORY_RUN = {
+    name + " (tiny)": {
+        **run,
+        "config": {
+            **run["config"],
+            "hidden_size": 64,
+            "depth": 2,
+            "num_heads": 2,
+            "crop": 64,
+            "batch": 1,
+            "lora_rank": 4,
+            "threads": 1,
+        },
+    }
+    for name, run in json.loads((ROOT / "benchmarks/train_memory.json").read_text())["runs"].items()
+    if name.startswith("C")
+}
 
 CHECKS = {
     "upscale-fp32": lambda: upscale_check("fp32", 128 if CUDA else 48),
@@ -290,14 +368,23 @@ def main(argv=None) -> int:
             status = "PASS" if ok else "FAIL"
         except Skip as s:
             status, text, detail = "SKIP", s.args[0], s.args[1] if len(s.args) > 1 else {}
-        except Exception as e:   # one broken check must not cost the others (nor the training after them)
+        except Exception as e:  # one broken check must not cost the others (nor the training after them)
             traceback.print_exc()
             status, text, detail = "FAIL", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", {}
         results[name] = {"status": status, "line": text, "seconds": round(time.time() - t, 1), "detail": detail}
         print(f"{status} {name}: {text} ({results[name]['seconds']} s)", flush=True)
-        if args.json:   # after each check: a kill at the time limit keeps the ones done
-            Path(args.json).write_text(json.dumps({"cuda": CUDA, "device": torch.cuda.get_device_name() if CUDA else
-                                                   "cpu", "torch": torch.__version__, "checks": results}, indent=1))
+        if args.json:  # after each check: a kill at the time limit keeps the ones done
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "cuda": CUDA,
+                        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+                        "torch": torch.__version__,
+                        "checks": results,
+                    },
+                    indent=1,
+                )
+            )
     return 1 if any(r["status"] == "FAIL" for r in results.values()) else 0
 
 

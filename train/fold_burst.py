@@ -15,6 +15,7 @@ throughput and both evaluations. The burst's own per-step log goes to train/logs
     python train/fold_burst.py /work/.device/.../files            # judge only: prints the table and the verdict
     python train/fold_burst.py /work/.device/.../files --adopt    # and fold it in if the rule says so
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CAMPAIGN = ROOT / "train/checkpoints/campaign"
 SHIPPED = ROOT / "teasr_cli/weights"
 KINDS = ("realesrgan", "mild", "bicubic")
-PERCEPTUAL = ("lpips", "lpips-vgg", "dists")   # lower is better
+PERCEPTUAL = ("lpips", "lpips-vgg", "dists")  # lower is better
 
 
 def assemble(files: Path, dst: Path) -> dict:
@@ -55,9 +56,27 @@ def evaluate(model: Path, val: Path, work: Path, limit: int | None = None) -> di
     res = {}
     for kind in KINDS:
         out = work / kind
-        cmd = [sys.executable, "-m", "teasr_cli", "eval", "--hq", str(val), "--degrade", kind, "--steps", "1",
-               "--metrics", "psnr,lpips,lpips-vgg,dists", "--baseline", "bicubic", "--model", str(model),
-               "-o", str(out), *(["--limit", str(limit)] if limit else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "teasr_cli",
+            "eval",
+            "--hq",
+            str(val),
+            "--degrade",
+            kind,
+            "--steps",
+            "1",
+            "--metrics",
+            "psnr,lpips,lpips-vgg,dists",
+            "--baseline",
+            "bicubic",
+            "--model",
+            str(model),
+            "-o",
+            str(out),
+            *(["--limit", str(limit)] if limit else []),
+        ]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"fold_burst: teasr eval failed on {model}: {(r.stderr or r.stdout).strip()[-300:]}")
@@ -73,11 +92,13 @@ def verdict(burst: dict, current: dict) -> tuple[bool, list[str]]:
     headline = burst["realesrgan"]["lpips"] < current["realesrgan"]["lpips"]
     floor = min(current["realesrgan"]["psnr"], current["realesrgan"]["bicubic_psnr"] - 1.0)
     fidelity = burst["realesrgan"]["psnr"] >= floor
-    why = [f"1. LPIPS-alex on realesrgan LR {burst['realesrgan']['lpips']:.4f} vs {current['realesrgan']['lpips']:.4f}:"
-           f" {'lower' if headline else 'not lower'}",
-           f"2. better on {len(wins)} of 9 perceptual numbers (needs 6)",
-           f"3. PSNR-Y on realesrgan LR {burst['realesrgan']['psnr']:.2f} dB vs floor {floor:.2f} dB: "
-           f"{'ok' if fidelity else 'below'}"]
+    why = [
+        f"1. LPIPS-alex on realesrgan LR {burst['realesrgan']['lpips']:.4f} vs {current['realesrgan']['lpips']:.4f}:"
+        f" {'lower' if headline else 'not lower'}",
+        f"2. better on {len(wins)} of 9 perceptual numbers (needs 6)",
+        f"3. PSNR-Y on realesrgan LR {burst['realesrgan']['psnr']:.2f} dB vs floor {floor:.2f} dB: "
+        f"{'ok' if fidelity else 'below'}",
+    ]
     return headline and len(wins) >= 6 and fidelity, why
 
 
@@ -105,8 +126,10 @@ def main(argv=None) -> int:
     model = work / "burst-model"
     burst = assemble(files, model)
     current = campaign if (campaign / "model.safetensors").exists() else SHIPPED
-    scores = {"burst": evaluate(model, Path(args.val), work / "eval-burst", args.limit),
-              "current": evaluate(current, Path(args.val), work / "eval-current", args.limit)}
+    scores = {
+        "burst": evaluate(model, Path(args.val), work / "eval-burst", args.limit),
+        "current": evaluate(current, Path(args.val), work / "eval-current", args.limit),
+    }
     ok, why = verdict(scores["burst"], scores["current"])
     print(f"{'LR':<11}{'metric':<10}{'burst':>9}{'current':>9}")
     for k in KINDS:
@@ -114,10 +137,21 @@ def main(argv=None) -> int:
             print(f"{k:<11}{m:<10}{scores['burst'][k][m]:>9.4f}{scores['current'][k][m]:>9.4f}")
     print("\n".join(why))
     print(f"verdict: {'ADOPT' if ok else 'keep the current model'} (current: {current})")
-    record = {"time": time.time(), "event": "gpu-burst", "adopted": ok and args.adopt, "verdict": ok, "why": why,
-              "device": burst["device"], "steps": burst["steps"], "samples": burst["samples"],
-              "samples_s": burst["samples_s_median"], "gpu_peak_gib": burst["gpu_peak_gib"],
-              "init": burst["init"], "sha256": burst["weights"]["sha256"], "eval": scores}
+    record = {
+        "time": time.time(),
+        "event": "gpu-burst",
+        "adopted": ok and args.adopt,
+        "verdict": ok,
+        "why": why,
+        "device": burst["device"],
+        "steps": burst["steps"],
+        "samples": burst["samples"],
+        "samples_s": burst["samples_s_median"],
+        "gpu_peak_gib": burst["gpu_peak_gib"],
+        "init": burst["init"],
+        "sha256": burst["weights"]["sha256"],
+        "eval": scores,
+    }
     (work / "fold.json").write_text(json.dumps(record, indent=1))
     if args.limit and args.adopt:
         raise SystemExit("fold_burst: --limit is a quick look; the rule needs every crop, so --adopt refuses it")

@@ -7,6 +7,7 @@ log(hours) through the recent points says how far this path is from the issue's 
 
     python train/learning_curve.py            # prints the table, writes logs/learning-curve.{png,json}
 """
+
 from __future__ import annotations
 
 import json
@@ -16,16 +17,31 @@ from pathlib import Path
 LOGS = Path(__file__).parent / "logs"
 # (run, the step the next run started from or the last one evaluated); tiny-sad5's log holds tiny-sad3's 1065 steps
 # (one run folder); tiny-sad13 branched off tiny-sad11 like tiny-sad12 and is left out
-CHAIN = [("tiny-prior", 6936), ("tiny-prior2", 3921), ("tiny-sad5", 2517), ("tiny-sad8", 2002),
-         ("tiny-sad9", 400), ("tiny-sad10", 1110), ("tiny-sad11", 1592), ("tiny-sad12", 1313)]
+CHAIN = [
+    ("tiny-prior", 6936),
+    ("tiny-prior2", 3921),
+    ("tiny-sad5", 2517),
+    ("tiny-sad8", 2002),
+    ("tiny-sad9", 400),
+    ("tiny-sad10", 1110),
+    ("tiny-sad11", 1592),
+    ("tiny-sad12", 1313),
+]
 # (run, step, eval file stem in logs/: "<stem>-<degradation>.json")
-POINTS = [("tiny-prior", 410, "tiny-prior/eval-step410"), ("tiny-prior", 6936, "tiny-prior/eval-step6936"),
-          ("tiny-prior2", 3200, "tiny-prior2/eval-step3200"), ("tiny-sad5", 2517, "eval-sad5"),
-          ("tiny-sad8", 2002, "eval-sad8"), ("tiny-sad9", 400, "eval-sad9-step400"),
-          ("tiny-sad10", 500, "eval-sad10-step500"), ("tiny-sad10", 1110, "eval-sad10"),
-          ("tiny-sad11", 1592, "eval-sad11-step1592"), ("tiny-sad12", 1313, "eval-sad12-step1313")]
-FIT_FROM = "tiny-sad8"   # the recent rate: tiny-sad5 still carries the jump from the prior to SAD
-BAR_FRACTION = 0.75   # issue 5: three quarters of Real-ESRGAN's LPIPS gain over bicubic
+POINTS = [
+    ("tiny-prior", 410, "tiny-prior/eval-step410"),
+    ("tiny-prior", 6936, "tiny-prior/eval-step6936"),
+    ("tiny-prior2", 3200, "tiny-prior2/eval-step3200"),
+    ("tiny-sad5", 2517, "eval-sad5"),
+    ("tiny-sad8", 2002, "eval-sad8"),
+    ("tiny-sad9", 400, "eval-sad9-step400"),
+    ("tiny-sad10", 500, "eval-sad10-step500"),
+    ("tiny-sad10", 1110, "eval-sad10"),
+    ("tiny-sad11", 1592, "eval-sad11-step1592"),
+    ("tiny-sad12", 1313, "eval-sad12-step1313"),
+]
+FIT_FROM = "tiny-sad8"  # the recent rate: tiny-sad5 still carries the jump from the prior to SAD
+BAR_FRACTION = 0.75  # issue 5: three quarters of Real-ESRGAN's LPIPS gain over bicubic
 
 
 def hours_by_step(run: str) -> list[tuple[int, float]]:
@@ -35,7 +51,7 @@ def hours_by_step(run: str) -> list[tuple[int, float]]:
         r = json.loads(line)
         if "it_s" not in r or "event" in r:
             continue
-        if r["step"] <= last:   # a resumed run logs the steps after its checkpoint again
+        if r["step"] <= last:  # a resumed run logs the steps after its checkpoint again
             continue
         total += (r["step"] - last) / r["it_s"] / 3600
         last = r["step"]
@@ -66,8 +82,14 @@ def curve(degrade: str = "realesrgan") -> list[dict]:
         if means is None:
             continue
         base, h = start[run]
-        rows.append({"run": run, "step": step, "hours": round(base + hours_at(h, step), 2),
-                     "lpips": round(means["teasr 1 step"], 4)})
+        rows.append(
+            {
+                "run": run,
+                "step": step,
+                "hours": round(base + hours_at(h, step), 2),
+                "lpips": round(means["teasr 1 step"], 4),
+            }
+        )
     return rows
 
 
@@ -81,11 +103,11 @@ def log_fit(recent: list[dict]) -> tuple[float, float]:
 
 def main() -> None:
     rows = curve()
-    refs = lpips_means("eval-val", "realesrgan")   # bicubic and Real-ESRGAN x4plus on the same LR
+    refs = lpips_means("eval-val", "realesrgan")  # bicubic and Real-ESRGAN x4plus on the same LR
     control = lpips_means("eval-regress3", "realesrgan")["teasr 1 step"]
     bicubic, resrgan = refs["bicubic"], refs["realesrgan"]
     bar = bicubic - BAR_FRACTION * (bicubic - resrgan)
-    recent = rows[[r["run"] for r in rows].index(FIT_FROM):]
+    recent = rows[[r["run"] for r in rows].index(FIT_FROM) :]
     a, b = log_fit(recent)
     reach = 10 ** ((bar - a) / b) if b < 0 else math.inf
     print(f"{'run':<12} {'step':>5} {'CPU h':>6} {'LPIPS':>6}")
@@ -93,24 +115,45 @@ def main() -> None:
         print(f"{r['run']:<12} {r['step']:>5} {r['hours']:>6.2f} {r['lpips']:>6.4f}")
     print(f"bicubic {bicubic:.3f}, control (15 min) {control:.3f}, bar {bar:.3f}, Real-ESRGAN x4plus {resrgan:.3f}")
     print(f"from {FIT_FROM} on: LPIPS = {a:.3f} {b:+.3f} log10(hours); the bar at ~{reach:,.0f} CPU hours on this path")
-    (LOGS / "learning-curve.json").write_text(json.dumps(
-        {"rows": rows, "bicubic": bicubic, "control": control, "bar": bar, "realesrgan": resrgan,
-         "fit": {"a": a, "b": b, "bar_hours": reach}}, indent=1))
+    (LOGS / "learning-curve.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "bicubic": bicubic,
+                "control": control,
+                "bar": bar,
+                "realesrgan": resrgan,
+                "fit": {"a": a, "b": b, "bar_hours": reach},
+            },
+            indent=1,
+        )
+    )
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot([r["hours"] for r in rows], [r["lpips"] for r in rows], "o-", label="teasr-tiny, 1 step")
-    for i, r in enumerate(rows):   # labels alternately above and below: the late points lie close together
-        ax.annotate(f'{r["run"].removeprefix("tiny-")}@{r["step"]}', (r["hours"], r["lpips"]), fontsize=6,
-                    rotation=45 if i % 2 else -45, textcoords="offset points", xytext=(2, 5 if i % 2 else -5),
-                    va="bottom" if i % 2 else "top")
+    for i, r in enumerate(rows):  # labels alternately above and below: the late points lie close together
+        ax.annotate(
+            f"{r['run'].removeprefix('tiny-')}@{r['step']}",
+            (r["hours"], r["lpips"]),
+            fontsize=6,
+            rotation=45 if i % 2 else -45,
+            textcoords="offset points",
+            xytext=(2, 5 if i % 2 else -5),
+            va="bottom" if i % 2 else "top",
+        )
     hs = [recent[0]["hours"], min(reach, 1e4)]
     ax.plot(hs, [a + b * math.log10(h) for h in hs], ":", color="gray", label=f"log fit from {FIT_FROM}")
-    for y, name, style in ((bicubic, "bicubic", "--"), (control, "regression control (0.25 h)", "-."),
-                           (bar, "issue 5 bar", "-"), (resrgan, "Real-ESRGAN x4plus", "--")):
+    for y, name, style in (
+        (bicubic, "bicubic", "--"),
+        (control, "regression control (0.25 h)", "-."),
+        (bar, "issue 5 bar", "-"),
+        (resrgan, "Real-ESRGAN x4plus", "--"),
+    ):
         ax.axhline(y, ls=style, lw=1, color="k" if name == "issue 5 bar" else "gray")
         ax.text(rows[0]["hours"], y + 0.005, name, fontsize=7)
     ax.set_xscale("log")

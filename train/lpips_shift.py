@@ -4,6 +4,7 @@ first. k = 0 is what `teasr eval` reports; a model that only adds a 4-px checker
 
     python train/lpips_shift.py --degrade realesrgan MODEL [MODEL ...]
 """
+
 import argparse
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from teasr_cli.benchsets import synthetic_pairs
 from teasr_cli.metrics import LPIPS
-from teasr_cli.pipeline import UpscaleSettings, Upscaler
+from teasr_cli.pipeline import Upscaler, UpscaleSettings
 
 p = argparse.ArgumentParser()
 p.add_argument("models", nargs="+")
@@ -20,7 +21,7 @@ p.add_argument("--hq", default="data/photos/val_hr")
 a = p.parse_args()
 
 alex = LPIPS(net="alex").eval()
-pairs = synthetic_pairs(a.hq, a.degrade)   # the pairs `teasr eval --hq ... --degrade ...` scores
+pairs = synthetic_pairs(a.hq, a.degrade)  # the pairs `teasr eval --hq ... --degrade ...` scores
 print("model | " + " | ".join(f"+{k} px" for k in range(4)))
 for m in a.models:
     up = Upscaler.from_pretrained(m)

@@ -10,6 +10,7 @@ manifest.json records each candidate's size and PSNR against the source.
     python train/prepare_photos.py --out data/photos     # once (needs `apt-get download`)
     python train/make_pack.py                             # -> packs/gpu/ (budget: 64 MiB - the tree - 1 MiB)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ import payload  # noqa: E402  (train/ is scripts, not a package)
 
 QUALITIES = (98, 97, 95, 93, 90)
 MIN_QUALITY = QUALITIES[-1]
-MARGIN = 2**20          # room for files that appear between packing and the call (notes, a log)
+MARGIN = 2**20  # room for files that appear between packing and the call (notes, a log)
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 
 
@@ -69,7 +70,7 @@ def plan(photos: dict[str, Image.Image], budget: int, min_side: int = 256) -> tu
         if size <= budget:
             return enc, tried
     area = budget / size
-    while True:   # q90 is too big: smaller centred crops, shrunk until the pack fits
+    while True:  # q90 is too big: smaller centred crops, shrunk until the pack fits
         area *= 0.97
         crops = {n: centre_crop(im, area, min_side) for n, im in photos.items()}
         enc = {n: encode(im, MIN_QUALITY) for n, im in crops.items()}
@@ -84,6 +85,7 @@ def plan(photos: dict[str, Image.Image], budget: int, min_side: int = 256) -> tu
 def skimage_photos() -> dict[str, Image.Image]:
     import skimage.data
     from prepare_photos import SKIMAGE, VAL
+
     out = {}
     for name in SKIMAGE:
         if name not in VAL:
@@ -99,16 +101,23 @@ def _ignored(path: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default="data/photos/train",
-                    help="training photos (train/prepare_photos.py's train/), or 'skimage': its sample photos alone")
+    ap.add_argument(
+        "--src",
+        default="data/photos/train",
+        help="training photos (train/prepare_photos.py's train/), or 'skimage': its sample photos alone",
+    )
     ap.add_argument("--out", default="packs/gpu", help="pack folder (must be git-ignored)")
-    ap.add_argument("--budget", type=int, default=None,
-                    help="bytes for the pack (default: 64 MiB - what the tree and the other carries send - 1 MiB)")
+    ap.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="bytes for the pack (default: 64 MiB - what the tree and the other carries send - 1 MiB)",
+    )
     ap.add_argument("--carry", nargs="*", default=[], help="other carried paths that share the payload")
     args = ap.parse_args(argv)
     src, out = Path(args.src), Path(args.out)
     files = sorted(f for f in src.rglob("*") if f.suffix.lower() in SUFFIXES) if src.is_dir() else []
-    if args.src == "skimage":   # no apt-get needed: a small pack for CPU rehearsals (gpu_burst.sh --dry-run)
+    if args.src == "skimage":  # no apt-get needed: a small pack for CPU rehearsals (gpu_burst.sh --dry-run)
         photos = skimage_photos()
     elif files:
         photos = {f.stem: Image.open(f).convert("RGB") for f in files}
@@ -136,8 +145,10 @@ def main(argv=None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     c = tried[-1]
-    print(f"{out}: {len(enc)} photos, {c['format']}{' area ' + str(c['area']) if 'area' in c else ''}, "
-          f"{c['bytes'] / 2**20:.1f} MiB of a {budget / 2**20:.1f} MiB budget")
+    print(
+        f"{out}: {len(enc)} photos, {c['format']}{' area ' + str(c['area']) if 'area' in c else ''}, "
+        f"{c['bytes'] / 2**20:.1f} MiB of a {budget / 2**20:.1f} MiB budget"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ the checkout has one) plus the ignored paths named in `carry`; the device refuse
     python train/payload.py --carry packs/gpu          # prints the sizes; exit 1 if over the limit
     python train/payload.py --carry packs/gpu --json   # the same as JSON
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ def _walk(path: Path):
 def tree_files(root: Path = ROOT) -> list[Path]:
     """Relative paths of the files the tree sends without `carry` (deleted tracked files do not travel)."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                             check=True, capture_output=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         raise SystemExit(f"payload: cannot list the files of {root} with git: {e}") from None
     files = {Path(p) for p in out.decode().split("\0") if p}
@@ -52,9 +57,16 @@ def measure(carry: list[str] = (), root: Path = ROOT) -> dict:
         carried[c] = sum((root / f).lstat().st_size for f in new)
     sizes = {f: (root / f).lstat().st_size for f in tree}
     total = sum(sizes.values()) + sum(carried.values())
-    return {"tree_bytes": sum(sizes.values()), "tree_files": len(tree), "carried_bytes": carried,
-            "missing_carry": missing, "total_bytes": total, "limit_bytes": LIMIT, "fits": total <= LIMIT,
-            "largest": [[str(f), s] for f, s in sorted(sizes.items(), key=lambda kv: -kv[1])[:8]]}
+    return {
+        "tree_bytes": sum(sizes.values()),
+        "tree_files": len(tree),
+        "carried_bytes": carried,
+        "missing_carry": missing,
+        "total_bytes": total,
+        "limit_bytes": LIMIT,
+        "fits": total <= LIMIT,
+        "largest": [[str(f), s] for f, s in sorted(sizes.items(), key=lambda kv: -kv[1])[:8]],
+    }
 
 
 def main(argv=None) -> int:
@@ -66,7 +78,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(r, indent=1))
     else:
-        mib = lambda b: f"{b / 2**20:.1f} MiB"   # noqa: E731
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
         print(f"tree: {r['tree_files']} files, {mib(r['tree_bytes'])}")
         for c, b in r["carried_bytes"].items():
             print(f"carry {c}: {mib(b)}")

@@ -3,7 +3,8 @@
 Sources (all offline, see ../shared/ENVIRONMENT.md): scikit-image's sample photos, and the Debian packages
 lomiri-wallpapers-16.04 (CC-BY/CC-BY-SA), the two photos of lomiri-wallpapers-20.04 (CC-BY-SA-3.0; its
 other two are abstract), mate-backgrounds nature/ (GPL-2+), opencv-doc samples and matplotlib's grace_hopper
-portrait (public domain; the one close-up face, for skin), fetched with `apt-get download` and unpacked with `dpkg -x` (no install needed).
+portrait (public domain; the one close-up face, for skin), fetched with `apt-get download` and unpacked with
+`dpkg -x` (no install needed).
 
 JPEG sources are downscaled by at least 2 (Lanczos) so their compression artefacts do not become the
 "HQ" target; the longest side is capped so a crop still shows a meaningful part of a scene.
@@ -15,6 +16,7 @@ A fixed list of photos is held out for validation and never trained on.
 The Debian packages need `apt-get download` (a Debian or Ubuntu machine with its package lists, no root);
 `--from DIR` takes every photo under DIR instead and holds out every `--val-every`-th one (sorted by path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +30,45 @@ import numpy as np
 from PIL import Image
 
 DEBS = ["lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "mate-backgrounds", "opencv-doc"]
-ABSTRACT = {"Fossa_by_Jasper_Roks", "Painting-Colors_by__herobrine7gamer"}   # lomiri-wallpapers-20.04's non-photos
-OPENCV_PHOTOS = ["baboon.jpg", "leuvenA.jpg", "leuvenB.jpg", "aloeL.jpg", "board.jpg", "graf1.png", "graf3.png",
-                 "rubberwhale1.png", "ela_original.jpg", "fruits.jpg", "building.jpg", "home.jpg",
-                 "pic1.png", "pic2.png", "pic3.png", "pic4.png", "pic5.png", "pic6.png", "stuff.jpg", "orange.jpg",
-                 "apple.jpg", "HappyFish.jpg", "butterfly.jpg", "messi5.jpg", "Blender_Suzanne1.jpg"]
-SKIMAGE = ["astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field", "grass", "gravel", "brick"]
+ABSTRACT = {"Fossa_by_Jasper_Roks", "Painting-Colors_by__herobrine7gamer"}  # lomiri-wallpapers-20.04's non-photos
+OPENCV_PHOTOS = [
+    "baboon.jpg",
+    "leuvenA.jpg",
+    "leuvenB.jpg",
+    "aloeL.jpg",
+    "board.jpg",
+    "graf1.png",
+    "graf3.png",
+    "rubberwhale1.png",
+    "ela_original.jpg",
+    "fruits.jpg",
+    "building.jpg",
+    "home.jpg",
+    "pic1.png",
+    "pic2.png",
+    "pic3.png",
+    "pic4.png",
+    "pic5.png",
+    "pic6.png",
+    "stuff.jpg",
+    "orange.jpg",
+    "apple.jpg",
+    "HappyFish.jpg",
+    "butterfly.jpg",
+    "messi5.jpg",
+    "Blender_Suzanne1.jpg",
+]
+SKIMAGE = [
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle",
+    "hubble_deep_field",
+    "grass",
+    "gravel",
+    "brick",
+]
 # held out: never trained on; 512x512 HR crops of these are the validation set
 VAL = {"Dragonfly_by_Bolly", "sunset_by_Aitzol_Berasategi", "LadyBird", "Storm", "leuvenB", "coffee"}
 MAX_SIDE = 1280
@@ -47,8 +82,10 @@ def fetch_debs(work: Path) -> Path:
         except (OSError, subprocess.CalledProcessError) as e:
             err = getattr(e, "stderr", None)
             why = err.decode(errors="replace").strip().splitlines()[-1:] if err else [str(e)]
-            sys.exit(f"error: `apt-get download {name}` failed ({' '.join(why)}); this needs a Debian/Ubuntu "
-                     "machine with its package lists, or use --from DIR with your own photos")
+            sys.exit(
+                f"error: `apt-get download {name}` failed ({' '.join(why)}); this needs a Debian/Ubuntu "
+                "machine with its package lists, or use --from DIR with your own photos"
+            )
     for deb in work.glob("*.deb"):
         subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
     return root
@@ -56,7 +93,7 @@ def fetch_debs(work: Path) -> Path:
 
 def sources(root: Path):
     bg = root / "usr/share/backgrounds"
-    for f in sorted(bg.glob("*.jpg")):                      # lomiri wallpapers (photos)
+    for f in sorted(bg.glob("*.jpg")):  # lomiri wallpapers (photos)
         if f.stem not in ABSTRACT:
             yield f.stem, Image.open(f), True
     for f in sorted((bg / "mate/nature").glob("*.jpg")):
@@ -67,9 +104,10 @@ def sources(root: Path):
             yield Path(name).stem, Image.open(data / name), name.endswith(".jpg")
     yield "grace_hopper", Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")), True
     import skimage.data
+
     for name in SKIMAGE:
         arr = getattr(skimage.data, name)()
-        yield name, Image.fromarray(arr[0] if isinstance(arr, tuple) else arr), False   # stereo: left view
+        yield name, Image.fromarray(arr[0] if isinstance(arr, tuple) else arr), False  # stereo: left view
 
 
 def folder_sources(folder: Path, val_every: int):

@@ -5,6 +5,7 @@ neighbouring pixels across 16-px token borders over that within tokens (1.0: no 
 
     python train/seam_check.py --model teasr_cli/weights --out crop.png [--steps 1]
 """
+
 import argparse
 from pathlib import Path
 
@@ -41,8 +42,12 @@ def grid_ratio(im: Image.Image, period: int) -> float:
     return float(np.mean(ratios))
 
 
-print("grid ratio (16 px, 4 px): bicubic " + ", ".join(f"{grid_ratio(bic, k):.3f}" for k in (16, 4))
-      + "; model " + ", ".join(f"{grid_ratio(sr, k):.3f}" for k in (16, 4)))
+print(
+    "grid ratio (16 px, 4 px): bicubic "
+    + ", ".join(f"{grid_ratio(bic, k):.3f}" for k in (16, 4))
+    + "; model "
+    + ", ".join(f"{grid_ratio(sr, k):.3f}" for k in (16, 4))
+)
 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
 side.save(a.out)
 print(f"wrote {a.out} (left bicubic, right {a.model}, {a.steps} step(s))")

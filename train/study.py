@@ -7,6 +7,7 @@
 A form trains in CPU-time segments (`--max-cpu-minutes`, summed over resumes), each ending with an export that
 is kept as model-<minutes>: the learning curve costs no extra training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SEGMENTS = (10, 20, 30)                  # CPU minutes
+SEGMENTS = (10, 20, 30)  # CPU minutes
 LR_KINDS = ("realesrgan", "mild", "bicubic")
 METRICS = "psnr,lpips,lpips-vgg,dists"
 
@@ -32,7 +33,9 @@ def train(forms, data: str, runs: Path) -> None:
         for minutes in SEGMENTS:
             if (run / f"model-{minutes}").exists():
                 continue
-            resume = ["--resume"] if (run / "train_config.json").exists() else ["-c", str(HERE / "study" / f"{form}.toml")]
+            resume = (
+                ["--resume"] if (run / "train_config.json").exists() else ["-c", str(HERE / "study" / f"{form}.toml")]
+            )
             teasr("train", "--data", data, "--out", str(run), *resume, "--max-cpu-minutes", str(minutes))
             shutil.copytree(run / "model", run / f"model-{minutes}")
 
@@ -41,33 +44,63 @@ def evaluate(forms, runs: Path, hq: str, kinds=LR_KINDS) -> None:
     """1-step scores on each kind of LR, bicubic and Real-ESRGAN beside the first (resumable: a finished eval is
     not run again). The first form must have finished its budget."""
     out = runs / "study-eval"
-    for kind in kinds:   # the learning curve on realesrgan LR; the other kinds at the end of the budget
+    for kind in kinds:  # the learning curve on realesrgan LR; the other kinds at the end of the budget
         segments = SEGMENTS if kind == "realesrgan" else SEGMENTS[-1:]
         for i, (form, minutes) in enumerate((f, m) for f in forms for m in reversed(segments)):
             model, dest = runs / f"study-{form}" / f"model-{minutes}", out / f"{form}-{minutes}-{kind}"
             if model.exists() and not (dest / "results.json").exists():
-                teasr("eval", "--hq", hq, "--degrade", kind, "--metrics", METRICS, "--model", str(model),
-                      "--steps", "1", "--baseline", "bicubic,realesrgan" if i == 0 else "none", "--out", str(dest))
+                teasr(
+                    "eval",
+                    "--hq",
+                    hq,
+                    "--degrade",
+                    kind,
+                    "--metrics",
+                    METRICS,
+                    "--model",
+                    str(model),
+                    "--steps",
+                    "1",
+                    "--baseline",
+                    "bicubic,realesrgan" if i == 0 else "none",
+                    "--out",
+                    str(dest),
+                )
 
 
 def means(path: Path, method: str | None = None) -> dict:
     res = json.loads((path / "results.json").read_text())
-    return {m["name"]: m["means"] for m in res["methods"]}[method] if method else \
-        {m["name"]: m["means"] for m in res["methods"]}
+    return (
+        {m["name"]: m["means"] for m in res["methods"]}[method]
+        if method
+        else {m["name"]: m["means"] for m in res["methods"]}
+    )
 
 
 def report(forms, runs: Path, out: Path) -> dict:
     """study.json (every number), study.png (metric against CPU minutes) and the ranking of RULE.md."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ev = runs / "study-eval"
-    table = {kind: {"baselines": {k: v for k, v in means(ev / f"{forms[0]}-{SEGMENTS[-1]}-{kind}").items()
-                                  if not k.startswith("teasr")},
-                    **{form: {m: means(ev / f"{form}-{m}-{kind}", "teasr 1 step") for m in SEGMENTS
-                              if (ev / f"{form}-{m}-{kind}" / "results.json").exists()} for form in forms}}
-             for kind in LR_KINDS}
+    table = {
+        kind: {
+            "baselines": {
+                k: v for k, v in means(ev / f"{forms[0]}-{SEGMENTS[-1]}-{kind}").items() if not k.startswith("teasr")
+            },
+            **{
+                form: {
+                    m: means(ev / f"{form}-{m}-{kind}", "teasr 1 step")
+                    for m in SEGMENTS
+                    if (ev / f"{form}-{m}-{kind}" / "results.json").exists()
+                }
+                for form in forms
+            },
+        }
+        for kind in LR_KINDS
+    }
     keys = [(kind, k) for kind in LR_KINDS for k in ("lpips", "lpips-vgg", "dists")]
     final = {f: {kind: table[kind][f][SEGMENTS[-1]] for kind in LR_KINDS} for f in forms}
     ranks = {f: 0 for f in forms}
@@ -78,8 +111,14 @@ def report(forms, runs: Path, out: Path) -> dict:
     gated = {f: final[f]["realesrgan"]["psnr"] < bicubic_psnr - 1 for f in forms}
     slope = {f: table["realesrgan"][f][SEGMENTS[-2]]["lpips"] - final[f]["realesrgan"]["lpips"] for f in forms}
     order = sorted(forms, key=lambda f: (gated[f], ranks[f], -slope[f]))
-    summary = {"rule": "train/study/RULE.md", "rank_sum": ranks, "psnr_gate_failed": gated,
-               "lpips_slope_20_30": slope, "order": order, "table": table}
+    summary = {
+        "rule": "train/study/RULE.md",
+        "rank_sum": ranks,
+        "psnr_gate_failed": gated,
+        "lpips_slope_20_30": slope,
+        "order": order,
+        "table": table,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
     fig, axes = plt.subplots(len(LR_KINDS), 4, figsize=(16, 10), constrained_layout=True)
@@ -105,7 +144,9 @@ def main():
     ap.add_argument("--data", default="data/photos/train")
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--hq", default="data/photos/val_hr")
-    ap.add_argument("--kinds", default=",".join(LR_KINDS), help="with eval: which kinds of LR (to run them in parallel)")
+    ap.add_argument(
+        "--kinds", default=",".join(LR_KINDS), help="with eval: which kinds of LR (to run them in parallel)"
+    )
     ap.add_argument("--out", type=Path, default=HERE / "logs" / "study")
     args = ap.parse_args()
     forms = args.forms or ["tiny", "hybrid-s", "hybrid-m", "conv"]

@@ -1,4 +1,5 @@
 """The native dual-branch DiT (teasr_cli.model) as a folders.Backbone: the folder holds every weight."""
+
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,7 @@ from teasr_cli.folders import Backbone, model_config, save_pretrained
 from teasr_cli.lora import add_lora, export_lora
 from teasr_cli.model import DiTConfig, TeasrDiT
 
-GROWABLE = ("head_channels", "head_depth")   # parts a trained model can gain: they start as the identity
+GROWABLE = ("head_channels", "head_depth")  # parts a trained model can gain: they start as the identity
 
 
 class NativeBackbone(Backbone):
@@ -40,20 +41,27 @@ class NativeBackbone(Backbone):
         Any other model setting comes from --init, as before (its weights fix the shapes)."""
         changed = {k: train.model[k] for k in GROWABLE if k in train.model and config["model"].get(k) != train.model[k]}
         deeper = model.head is not None and set(changed) == {"head_depth"}
-        if not changed or (train.stage == "sad" and not (deeper and train.train_head)):   # SAD keeps the prior's shape
+        if not changed or (train.stage == "sad" and not (deeper and train.train_head)):  # SAD keeps the prior's shape
             return model, config
         grown = TeasrDiT(DiTConfig.from_dict({**config["model"], **changed}))
         missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
         if unexpected or any(not k.startswith("head.") for k in missing):
             raise TeasrError(f"cannot grow {train.init}: {len(missing)} missing, {len(unexpected)} unexpected weights")
-        if deeper:   # a residual conv with zero weights is the identity; a new head is already one (its output is zero)
+        if deeper:  # a residual conv with zero weights is the identity; a new head is already one (its output is zero)
             with torch.no_grad():
                 for k in missing:
                     grown.get_parameter(k).zero_()
         return grown, {**config, "model": grown.config.to_dict()}
 
-    def export(self, model: nn.Module, config: dict, folder, ema: dict | None = None, lora_rank: int | None = None,
-               dtype: torch.dtype | None = None) -> Path:
+    def export(
+        self,
+        model: nn.Module,
+        config: dict,
+        folder,
+        ema: dict | None = None,
+        lora_rank: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Path:
         """A copy with the EMA weights and the peft LoRA as plain condition-branch modules (no peft at inference)."""
         model = copy.deepcopy(model).cpu()
         if ema:

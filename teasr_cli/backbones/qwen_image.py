@@ -16,6 +16,7 @@ The forward re-runs the transformer's short top-level loop with its own submodul
 `transformer.forward`, because that forward hard-wires t = 0 for the second group and puts a second image
 on frame 1. The 60 blocks, the checkpoint format and `from_pretrained` stay diffusers' own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,31 +46,48 @@ from teasr_cli.hub import parse_repo_spec
 QWEN_IMAGE_REVISION_PLACEHOLDER = "main"
 QWEN_IMAGE_BASE = ("Qwen/Qwen-Image-2512", QWEN_IMAGE_REVISION_PLACEHOLDER)
 
-OFFLOAD_MODES = ("none", "model", "sequential")   # see enable_offload
+OFFLOAD_MODES = ("none", "model", "sequential")  # see enable_offload
 
 # Image-stream Linears the condition branch adapts (regex for peft's LoraConfig, matched against full names).
 # They sit inside CondRouter modules, hence the trailing `.linear`. img_mod.1 is the adaLN modulation
 # Linear, routed per timestep group like the native model's condition-only adaLN LoRA; the text stream
 # (add_*_proj, to_add_out, txt_*) is never adapted.
-LORA_TARGETS = (r".*(img_in|transformer_blocks\.\d+\.(img_mod\.1|attn\.(to_q|to_k|to_v|to_out\.0)"
-                r"|img_mlp\.net\.(0\.proj|2)))\.linear")
-_ROUTED = {"img_mod.1": 0}   # module-name suffix -> axis holding the [noise ; cond] halves (default: 1, tokens)
+LORA_TARGETS = (
+    r".*(img_in|transformer_blocks\.\d+\.(img_mod\.1|attn\.(to_q|to_k|to_v|to_out\.0)"
+    r"|img_mlp\.net\.(0\.proj|2)))\.linear"
+)
+_ROUTED = {"img_mod.1": 0}  # module-name suffix -> axis holding the [noise ; cond] halves (default: 1, tokens)
 # Modules outside the LoRA that only ever see the condition branch: trained in full beside it
 COND_ONLY = ("t2_embedder.",)
 
 # Tiny configs of the same diffusers classes, for tests and CPU smoke runs (seconds, not hours).
-TINY_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
-TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-                latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+TINY_TRANSFORMER = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    axes_dims_rope=(4, 6, 6),
+)
+TINY_VAE = dict(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    temperal_downsample=[False, True, True],
+    latents_mean=[0.1, -0.2, 0.3, 0.0],
+    latents_std=[1.5, 0.8, 1.2, 2.0],
+)
 TINY_PROMPT_TOKENS = 5
 
 
 @dataclass
 class QwenTeasrConfig:
-    patch_size: int = 2          # the pipelines' 2x2 latent packing: latent pixels per token side
-    latent_channels: int = 16    # AutoencoderKLQwenImage z_dim
-    cond_rope: str = "shared"    # "shared": condition tokens on the noise tokens' RoPE ids; "edit": on frame 1
+    patch_size: int = 2  # the pipelines' 2x2 latent packing: latent pixels per token side
+    latent_channels: int = 16  # AutoencoderKLQwenImage z_dim
+    cond_rope: str = "shared"  # "shared": condition tokens on the noise tokens' RoPE ids; "edit": on frame 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,11 +129,15 @@ def _enable_per_token_modulation(transformer: nn.Module) -> None:
     """Two modulation groups in every block (diffusers' zero_cond_t), whatever the base config says."""
     cfg = transformer.config
     if cfg.get("use_additional_t_cond") or cfg.get("use_layer3d_rope") or cfg.get("guidance_embeds"):
-        raise ModelError("this Qwen-Image variant (layered RoPE / extra time or guidance embedding) is not supported; "
-                         "use the text-to-image transformer (Qwen/Qwen-Image or Qwen/Qwen-Image-2512)")
+        raise ModelError(
+            "this Qwen-Image variant (layered RoPE / extra time or guidance embedding) is not supported; "
+            "use the text-to-image transformer (Qwen/Qwen-Image or Qwen/Qwen-Image-2512)"
+        )
     if not hasattr(transformer.transformer_blocks[0], "zero_cond_t"):
-        raise ModelError("diffusers is too old for the Qwen-Image backbone (needs per-token modulation); "
-                         "run: pip install 'diffusers>=0.37'")
+        raise ModelError(
+            "diffusers is too old for the Qwen-Image backbone (needs per-token modulation); "
+            "run: pip install 'diffusers>=0.37'"
+        )
     transformer.zero_cond_t = True
     for block in transformer.transformer_blocks:
         block.zero_cond_t = True
@@ -158,21 +180,27 @@ class QwenImageTeasr(nn.Module):
     state_dict holds only the DiT side.
     """
 
-    def __init__(self, transformer: nn.Module, codec: nn.Module | None, prompt_embeds: torch.Tensor,
-                 cond_rope: str = "shared", base: dict | None = None):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        codec: nn.Module | None,
+        prompt_embeds: torch.Tensor,
+        cond_rope: str = "shared",
+        base: dict | None = None,
+    ):
         super().__init__()
         if cond_rope not in ("shared", "edit"):
             raise ValueError(f"cond_rope must be 'shared' or 'edit', not {cond_rope!r}")
         _enable_per_token_modulation(transformer)
         _install_routers(transformer)
         self.transformer = transformer
-        self.t2_embedder = copy.deepcopy(transformer.time_text_embed)   # temb2 starts as a copy of temb
+        self.t2_embedder = copy.deepcopy(transformer.time_text_embed)  # temb2 starts as a copy of temb
         self.register_buffer("prompt_embeds", prompt_embeds.reshape(1, -1, prompt_embeds.shape[-1]))
         tc = transformer.config
         self.config = QwenTeasrConfig(patch_size=tc.patch_size, latent_channels=tc.out_channels, cond_rope=cond_rope)
-        object.__setattr__(self, "codec", codec)   # deliberately not registered (see the class docstring)
-        self.base = dict(base or {})               # where the frozen base comes from (saved in config.json)
-        self.lora: dict | None = None              # {"rank", "alpha"} once add_lora ran
+        object.__setattr__(self, "codec", codec)  # deliberately not registered (see the class docstring)
+        self.base = dict(base or {})  # where the frozen base comes from (saved in config.json)
+        self.lora: dict | None = None  # {"rank", "alpha"} once add_lora ran
         self.lora_target_modules = LORA_TARGETS
         self.gradient_checkpointing = False
         self.offload_mode = "none"
@@ -189,17 +217,22 @@ class QwenImageTeasr(nn.Module):
         tr, p = self.transformer, self.config.patch_size
         B, _, H, W = z_t.shape
         ph, pw = (-H) % p, (-W) % p
-        if ph or pw:   # odd sizes: pad to whole patches (replicate keeps borders natural), crop the output
+        if ph or pw:  # odd sizes: pad to whole patches (replicate keeps borders natural), crop the output
             z_t = F.pad(z_t, (0, pw, 0, ph), mode="replicate")
             z_lq = F.pad(z_lq, (0, pw, 0, ph), mode="replicate")
         h, w = (H + ph) // p, (W + pw) // p
         n, dtype, dev = h * w, tr.img_in.linear.weight.dtype, z_t.device
-        img = tr.img_in(torch.cat([pack(z_t, p), pack(z_lq, p)], dim=1).to(dtype))        # (B, 2n, D)
+        img = tr.img_in(torch.cat([pack(z_t, p), pack(z_lq, p)], dim=1).to(dtype))  # (B, 2n, D)
         txt = tr.txt_in(tr.txt_norm(self.prompt_embeds.to(dev, dtype).expand(B, -1, -1)))  # (B, L, D)
-        temb = torch.cat([_embed_time(tr.time_text_embed, _times(t_cur, B, dev), dtype),   # group 0: noise
-                          _embed_time(self.t2_embedder, _times(t_tar, B, dev), dtype)])    # group 1: cond
-        index = torch.cat([torch.zeros(n, dtype=torch.int, device=dev),
-                           torch.ones(n, dtype=torch.int, device=dev)]).expand(B, -1)
+        temb = torch.cat(
+            [
+                _embed_time(tr.time_text_embed, _times(t_cur, B, dev), dtype),  # group 0: noise
+                _embed_time(self.t2_embedder, _times(t_tar, B, dev), dtype),
+            ]
+        )  # group 1: cond
+        index = torch.cat(
+            [torch.zeros(n, dtype=torch.int, device=dev), torch.ones(n, dtype=torch.int, device=dev)]
+        ).expand(B, -1)
         rope = self._rope(h, w, txt.shape[1], dev)
         for block in tr.transformer_blocks:
             args = (img, txt, None, temb, rope, None, index)
@@ -207,12 +240,13 @@ class QwenImageTeasr(nn.Module):
                 txt, img = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 txt, img = block(*args)
-        out = tr.proj_out(tr.norm_out(img[:, :n], temb[:B]))   # only noise tokens carry the velocity
+        out = tr.proj_out(tr.norm_out(img[:, :n], temb[:B]))  # only noise tokens carry the velocity
         return unpack(out, h, w, p)[:, :, :H, :W].to(z_t.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Building: tiny random configs (tests) and the real base from the Hub cache (GPU users)
+
 
 def _diffusers():
     try:
@@ -229,7 +263,7 @@ def _codec(vae: nn.Module, tiled: bool = True) -> nn.Module:
 def build_tiny(seed: int = 0, cond_rope: str = "shared") -> QwenImageTeasr:
     """A tiny random QwenImageTransformer2DModel + AutoencoderKLQwenImage (same classes as the 20B model)."""
     Transformer, Vae = _diffusers()
-    with torch.random.fork_rng(devices=[]):   # leave the caller's RNG stream alone
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
         torch.manual_seed(seed)
         tr = Transformer(**TINY_TRANSFORMER)
         vae = Vae(**TINY_VAE)
@@ -246,9 +280,11 @@ def _snapshot(repo_id: str, revision: str, patterns: list[str]) -> Path:
     """Local snapshot folder (its name is the commit sha) from the Hub cache, downloading what is missing."""
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:   # HfHubHTTPError, LocalEntryNotFoundError, OSError...: all mean "cannot get the base"
-        raise ModelError(f"cannot get the Qwen-Image base {repo_id}@{revision} ({type(e).__name__}); "
-                         "connect to the Hugging Face Hub once (or set HF_HUB_OFFLINE=0) to fill the cache") from None
+    except Exception as e:  # HfHubHTTPError, LocalEntryNotFoundError, OSError...: all mean "cannot get the base"
+        raise ModelError(
+            f"cannot get the Qwen-Image base {repo_id}@{revision} ({type(e).__name__}); "
+            "connect to the Hugging Face Hub once (or set HF_HUB_OFFLINE=0) to fill the cache"
+        ) from None
 
 
 def encode_empty_prompt(folder, device="cpu", dtype=torch.bfloat16) -> torch.Tensor:
@@ -264,14 +300,20 @@ def encode_empty_prompt(folder, device="cpu", dtype=torch.bfloat16) -> torch.Ten
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=enc, tokenizer=tok, transformer=None)
     with torch.no_grad():
         emb, mask = pipe.encode_prompt("", device=torch.device(device))
-    if mask is not None:   # one prompt has no padding; anything else means the template handling changed
+    if mask is not None:  # one prompt has no padding; anything else means the template handling changed
         raise ModelError("unexpected padded empty-prompt embedding from the Qwen-Image text encoder")
     return emb[:1].float().cpu()
 
 
-def from_base(repo_id: str = QWEN_IMAGE_BASE[0], revision: str = QWEN_IMAGE_BASE[1], dtype=torch.bfloat16,
-              prompt_embeds: torch.Tensor | None = None, device=None, cond_rope: str = "shared",
-              vae_tiling: bool = True) -> QwenImageTeasr:
+def from_base(
+    repo_id: str = QWEN_IMAGE_BASE[0],
+    revision: str = QWEN_IMAGE_BASE[1],
+    dtype=torch.bfloat16,
+    prompt_embeds: torch.Tensor | None = None,
+    device=None,
+    cond_rope: str = "shared",
+    vae_tiling: bool = True,
+) -> QwenImageTeasr:
     """The real Qwen-Image transformer + VAE from the Hub cache (downloaded on first use).
 
     Without `prompt_embeds`, the empty-prompt embedding is computed once with the base's text encoder
@@ -280,8 +322,11 @@ def from_base(repo_id: str = QWEN_IMAGE_BASE[0], revision: str = QWEN_IMAGE_BASE
     """
     Transformer, Vae = _diffusers()
     if revision == QWEN_IMAGE_REVISION_PLACEHOLDER:
-        warnings.warn(f"the Qwen-Image base revision is not pinned ({repo_id}@{revision}); the commit actually "
-                      "loaded is recorded in saved models", stacklevel=2)
+        warnings.warn(
+            f"the Qwen-Image base revision is not pinned ({repo_id}@{revision}); the commit actually "
+            "loaded is recorded in saved models",
+            stacklevel=2,
+        )
     patterns = ["transformer/*", "vae/*"] + ([] if prompt_embeds is not None else ["text_encoder/*", "tokenizer/*"])
     folder = _snapshot(repo_id, revision, patterns)
     try:
@@ -291,8 +336,13 @@ def from_base(repo_id: str = QWEN_IMAGE_BASE[0], revision: str = QWEN_IMAGE_BASE
         raise ModelError(f"cannot load the Qwen-Image base from {folder}: {e}") from None
     if prompt_embeds is None:
         prompt_embeds = encode_empty_prompt(folder, device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
-    model = QwenImageTeasr(tr, _codec(vae, vae_tiling), prompt_embeds.to(dtype), cond_rope=cond_rope,
-                           base={"repo_id": repo_id, "revision": folder.name})   # the snapshot folder is the commit sha
+    model = QwenImageTeasr(
+        tr,
+        _codec(vae, vae_tiling),
+        prompt_embeds.to(dtype),
+        cond_rope=cond_rope,
+        base={"repo_id": repo_id, "revision": folder.name},
+    )  # the snapshot folder is the commit sha
     if device is not None:
         model.to(device)
         model.codec.to(device)
@@ -301,6 +351,7 @@ def from_base(repo_id: str = QWEN_IMAGE_BASE[0], revision: str = QWEN_IMAGE_BASE
 
 # ---------------------------------------------------------------------------------------------
 # LoRA on the condition branch
+
 
 def add_lora(model: QwenImageTeasr, rank: int = 128, alpha: float = 128, dropout: float = 0.0) -> None:
     """Freeze the model, add peft LoRA to the routed image-stream Linears; train LoRA + t2_embedder.
@@ -313,8 +364,10 @@ def add_lora(model: QwenImageTeasr, rank: int = 128, alpha: float = 128, dropout
     if model.lora is not None:
         raise ModelError("this model already has a LoRA; load the base again to start a new one")
     model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=model.lora_target_modules,
-                                       lora_dropout=dropout), model.transformer)
+    inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=model.lora_target_modules, lora_dropout=dropout),
+        model.transformer,
+    )
     model.t2_embedder.float()
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith(COND_ONLY))
@@ -323,13 +376,15 @@ def add_lora(model: QwenImageTeasr, rank: int = 128, alpha: float = 128, dropout
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a teasr Qwen-Image model adds to its base: LoRA, the second time embedder, the prompt embedding."""
-    return {k: v for k, v in model.state_dict().items()
-            if "lora_" in k or k.startswith(COND_ONLY) or k == "prompt_embeds"}
+    return {
+        k: v for k, v in model.state_dict().items() if "lora_" in k or k.startswith(COND_ONLY) or k == "prompt_embeds"
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Model folders (folders.py): config.json names the base (Hub repo + commit, or a tiny random config) and the
 # LoRA; model.safetensors holds trainable_state (plus the whole model when the base is tiny, which no Hub has)
+
 
 class QwenImageBackbone(Backbone):
     name = "qwen-image"
@@ -344,10 +399,15 @@ class QwenImageBackbone(Backbone):
         prompt = None if state is None else state["prompt_embeds"]
         if base.get("tiny") and prompt is None:
             model = build_tiny(base.get("seed", 0), rope)
-        elif base.get("tiny"):   # random weights of the right shapes: load_pretrained fills them in
+        elif base.get("tiny"):  # random weights of the right shapes: load_pretrained fills them in
             Transformer, Vae = _diffusers()
-            model = QwenImageTeasr(Transformer.from_config(base["transformer"]), _codec(Vae.from_config(base["vae"])),
-                                   prompt, cond_rope=rope, base=base)
+            model = QwenImageTeasr(
+                Transformer.from_config(base["transformer"]),
+                _codec(Vae.from_config(base["vae"])),
+                prompt,
+                cond_rope=rope,
+                base=base,
+            )
         elif base.get("repo_id") and base.get("revision"):
             model = from_base(base["repo_id"], base["revision"], dtype or torch.bfloat16, prompt, cond_rope=rope)
         else:
@@ -369,7 +429,7 @@ class QwenImageBackbone(Backbone):
             raise TeasrError("qwen-image is already a generative prior: train it with --stage sad")
 
     def add_cond_lora(self, model: QwenImageTeasr, rank: int, alpha: float) -> None:
-        if model.lora is None:   # a loaded folder's LoRA is already in place and trainable: it continues as it is
+        if model.lora is None:  # a loaded folder's LoRA is already in place and trainable: it continues as it is
             add_lora(model, rank, alpha)
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -377,8 +437,9 @@ class QwenImageBackbone(Backbone):
 
     def folder_state(self, model: QwenImageTeasr) -> dict[str, torch.Tensor]:
         if model.offload_mode == "sequential":
-            raise TeasrError("save the model before enable_offload(..., 'sequential'): "
-                             "its weights are on the meta device")
+            raise TeasrError(
+                "save the model before enable_offload(..., 'sequential'): its weights are on the meta device"
+            )
         if not model.base.get("tiny"):
             return trainable_state(model)
         return {**model.state_dict(), **{f"codec.vae.{k}": v for k, v in model.codec.vae.state_dict().items()}}
@@ -387,10 +448,17 @@ class QwenImageBackbone(Backbone):
         return {"scale": 4, **config, "base": model.base, "lora": model.lora, "model": model.config.to_dict()}
 
     def weights_dtype(self, mixed_precision: str) -> torch.dtype:
-        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32   # the 20B base is frozen: no fp32 copy
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float32  # the 20B base is frozen: no fp32 copy
 
-    def export(self, model: QwenImageTeasr, config: dict, folder, ema: dict | None = None,
-               lora_rank: int | None = None, dtype: torch.dtype | None = None) -> Path:
+    def export(
+        self,
+        model: QwenImageTeasr,
+        config: dict,
+        folder,
+        ema: dict | None = None,
+        lora_rank: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Path:
         """The LoRA stays peft's, as trained; EMA weights are swapped in and back, not deep-copied (20B)."""
         if lora_rank is not None:
             raise TeasrError("--lora-rank applies to native models; a qwen-image folder keeps its peft LoRA as trained")
@@ -412,6 +480,7 @@ BACKBONE = QwenImageBackbone()
 # ---------------------------------------------------------------------------------------------
 # Big-model inference: CPU offload (accelerate hooks)
 
+
 def enable_offload(model: QwenImageTeasr, mode: str = "none", device="cuda") -> None:
     """Where the weights live between calls; cast the dtype before this (hooks pin module placement).
 
@@ -430,14 +499,14 @@ def enable_offload(model: QwenImageTeasr, mode: str = "none", device="cuda") -> 
         raise TeasrError(f"unknown offload mode {mode!r}; use one of {', '.join(OFFLOAD_MODES)}")
     vae = model.codec.vae
     for m in (model, vae):
-        remove_hook_from_module(m, recurse=True)   # restores sequentially offloaded weights too
-    model.codec.to(device)    # the codec's normalisation buffers stay with the latents
+        remove_hook_from_module(m, recurse=True)  # restores sequentially offloaded weights too
+    model.codec.to(device)  # the codec's normalisation buffers stay with the latents
     if mode == "none":
         model.to(device)
     elif mode == "model":
         _, dit_hook = cpu_offload_with_hook(model, device)
         _, vae_hook = cpu_offload_with_hook(vae, device, prev_module_hook=dit_hook)
-        dit_hook.hook.prev_module_hook = vae_hook   # each one evicts the other: at most one resident
+        dit_hook.hook.prev_module_hook = vae_hook  # each one evicts the other: at most one resident
     else:
         cpu_offload(model, device)
         cpu_offload(vae, device)

@@ -15,8 +15,8 @@ import torch
 
 from ._common import MetricError, rgb_to_y
 from .dists import DISTS
-from .frechet import FIDUnavailableError, FIDInceptionV3, fid, fid_from_features, frechet_distance
 from .fidelity import psnr_y, ssim_y
+from .frechet import FIDInceptionV3, FIDUnavailableError, fid, fid_from_features, frechet_distance
 from .lpips import LPIPS
 from .nss import niqe
 
@@ -40,6 +40,7 @@ def _module(cls, *args):
 def _fn(f):
     def build(**kwargs):
         return (lambda *x: f(*x, **kwargs)) if kwargs else f
+
     return build
 
 
@@ -53,6 +54,18 @@ METRICS: dict[str, MetricSpec] = {
 }
 
 __all__ = [
-    "DISTS", "FIDInceptionV3", "FIDUnavailableError", "LPIPS", "METRICS", "MetricError", "MetricSpec",
-    "fid", "fid_from_features", "frechet_distance", "niqe", "psnr_y", "rgb_to_y", "ssim_y",
+    "DISTS",
+    "FIDInceptionV3",
+    "FIDUnavailableError",
+    "LPIPS",
+    "METRICS",
+    "MetricError",
+    "MetricSpec",
+    "fid",
+    "fid_from_features",
+    "frechet_distance",
+    "niqe",
+    "psnr_y",
+    "rgb_to_y",
+    "ssim_y",
 ]

@@ -22,15 +22,17 @@ def check_images(*imgs: torch.Tensor, min_size: int = 1) -> None:
     """Every metric takes float (B, 3, H, W) RGB in [0, 1]; pairs must match."""
     for x in imgs:
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise MetricError(f"metric input must be a float (B, 3, H, W) RGB tensor in [0, 1], "
-                              f"got {x.dtype} {tuple(x.shape)}")
+            raise MetricError(
+                f"metric input must be a float (B, 3, H, W) RGB tensor in [0, 1], got {x.dtype} {tuple(x.shape)}"
+            )
         if min(x.shape[-2:]) < min_size:
-            raise MetricError(f"image of {x.shape[-1]}x{x.shape[-2]} is too small for this metric: "
-                              f"it needs at least {min_size}x{min_size} pixels")
+            raise MetricError(
+                f"image of {x.shape[-1]}x{x.shape[-2]} is too small for this metric: "
+                f"it needs at least {min_size}x{min_size} pixels"
+            )
     if len({tuple(x.shape) for x in imgs}) > 1:
         shapes = " vs ".join(str(tuple(x.shape)) for x in imgs)
-        raise MetricError(f"SR and HR images differ in shape ({shapes}): "
-                          "compare images of the same size")
+        raise MetricError(f"SR and HR images differ in shape ({shapes}): compare images of the same size")
 
 
 def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +45,7 @@ def rgb_to_y(x: torch.Tensor) -> torch.Tensor:
 def _load(name: str) -> dict[str, torch.Tensor]:
     path = FETCHED[name]() if name in FETCHED else WEIGHTS_DIR / f"{name}.safetensors"
     if not path.is_file():
-        raise ModelError(f"metric weights {path} are missing: reinstall teasr or run "
-                         "scripts/convert_metric_weights.py")
+        raise ModelError(f"metric weights {path} are missing: reinstall teasr or run scripts/convert_metric_weights.py")
     return load_file(str(path))
 
 

@@ -39,11 +39,20 @@ class TappedFeatures(nn.Module):
 
 def alexnet_features() -> TappedFeatures:
     """relu1..relu5 of torchvision's AlexNet (64, 192, 384, 256, 256 channels)."""
-    layers = [nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-              nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-              nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-              nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-              nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()]
+    layers = [
+        nn.Conv2d(3, 64, 11, stride=4, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, 3, padding=1),
+        nn.ReLU(),
+    ]
     return TappedFeatures(layers, (1, 4, 7, 9, 11), "alexnet")
 
 

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from ._common import check_images, rgb_to_y
 
 
-def _y_pair(sr: torch.Tensor, hr: torch.Tensor, crop_border: int,
-            min_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _y_pair(
+    sr: torch.Tensor, hr: torch.Tensor, crop_border: int, min_size: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_images(sr, hr, min_size=2 * crop_border + min_size)
     if crop_border:
         c = crop_border

@@ -212,22 +212,27 @@ def _download(spec: HubFile) -> Path:
 
     from ..hub import hub_reachable
 
-    try:   # one bounded probe: offline, the cache alone answers at once instead of after ~20 s of retries
-        path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision,
-                                    local_files_only=not hub_reachable()))
+    try:  # one bounded probe: offline, the cache alone answers at once instead of after ~20 s of retries
+        path = Path(
+            hf_hub_download(spec.repo_id, spec.filename, revision=spec.revision, local_files_only=not hub_reachable())
+        )
     except Exception as e:  # offline, hub down, repo gone: all mean the same to the user
         raise FIDUnavailableError(
             f"FID unavailable: cannot download {spec.repo_id}/{spec.filename} from the Hugging Face Hub "
             f"({type(e).__name__}); connect to the internet once or set TEASR_FID_WEIGHTS=/path/to/"
-            "fid_inception.safetensors") from e
+            "fid_inception.safetensors"
+        ) from e
     if _sha256(path) != spec.sha256:
-        raise FIDUnavailableError(f"FID unavailable: {path} does not have the expected SHA-256; "
-                                  "delete it from the Hugging Face cache and retry")
+        raise FIDUnavailableError(
+            f"FID unavailable: {path} does not have the expected SHA-256; "
+            "delete it from the Hugging Face cache and retry"
+        )
     return path
 
 
-def load_fid_inception(weights_path: str | Path | None = None, spec: HubFile = FID_WEIGHTS,
-                       download: Callable[[HubFile], Path] = _download) -> FIDInceptionV3:
+def load_fid_inception(
+    weights_path: str | Path | None = None, spec: HubFile = FID_WEIGHTS, download: Callable[[HubFile], Path] = _download
+) -> FIDInceptionV3:
     """The FID network with its weights: from `weights_path`, $TEASR_FID_WEIGHTS, or the Hub."""
     from safetensors.torch import load_file
 
@@ -248,8 +253,10 @@ def load_fid_inception(weights_path: str | Path | None = None, spec: HubFile = F
         raise FIDUnavailableError(f"FID unavailable: {path} is not the FID InceptionV3 checkpoint") from e
     missing = [k for k in missing if "num_batches_tracked" not in k]
     if missing or unexpected:
-        raise FIDUnavailableError(f"FID unavailable: {path} is not the FID InceptionV3 checkpoint "
-                                  f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+        raise FIDUnavailableError(
+            f"FID unavailable: {path} is not the FID InceptionV3 checkpoint "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors)"
+        )
     return model.requires_grad_(False).eval()
 
 
@@ -310,24 +317,33 @@ def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def folder_features(model: nn.Module, files: Iterable[Path], batch_size: int = 16,
-                    device: str | torch.device = "cpu") -> np.ndarray:
+def folder_features(
+    model: nn.Module, files: Iterable[Path], batch_size: int = 16, device: str | torch.device = "cpu"
+) -> np.ndarray:
     """(N, 2048) features; images are resized to 299x299 one by one, so sizes may differ."""
     files, out = list(files), []
     for i in range(0, len(files), batch_size):
-        batch = [F.interpolate(read_image(p).rgb[None], size=(299, 299), mode="bilinear", align_corners=False)
-                 for p in files[i:i + batch_size]]
+        batch = [
+            F.interpolate(read_image(p).rgb[None], size=(299, 299), mode="bilinear", align_corners=False)
+            for p in files[i : i + batch_size]
+        ]
         out.append(model(torch.cat(batch).to(device)).double().cpu().numpy())
     return np.concatenate(out)
 
 
-def fid(folder_a: str | Path, folder_b: str | Path, batch_size: int = 16,
-        device: str | torch.device = "cpu", weights_path: str | Path | None = None) -> float:
+def fid(
+    folder_a: str | Path,
+    folder_b: str | Path,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    weights_path: str | Path | None = None,
+) -> float:
     """FID between the images of two folders; lower is better, 0 for identical sets.
 
     Raises FIDUnavailableError (a TeasrError) when the Inception weights cannot be obtained.
     """
     files_a, files_b = (image_files(f, "FID: folder") for f in (folder_a, folder_b))
     model = load_fid_inception(weights_path).to(device)
-    return fid_from_features(folder_features(model, files_a, batch_size, device),
-                             folder_features(model, files_b, batch_size, device))
+    return fid_from_features(
+        folder_features(model, files_a, batch_size, device), folder_features(model, files_b, batch_size, device)
+    )

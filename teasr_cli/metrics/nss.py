@@ -30,7 +30,7 @@ _GRAY = (0.298936021293775, 0.587043074451121, 0.114020904255103)  # MATLAB rgb2
 
 
 def _gaussian7() -> torch.Tensor:
-    g = torch.exp(-torch.arange(-3, 4, dtype=torch.float64) ** 2 / (2 * (7 / 6) ** 2))
+    g = torch.exp(-(torch.arange(-3, 4, dtype=torch.float64) ** 2) / (2 * (7 / 6) ** 2))
     return g / g.sum()  # MATLAB fspecial('gaussian', 7, 7/6) is the outer product of this
 
 
@@ -50,8 +50,7 @@ def _mscn(img: torch.Tensor) -> torch.Tensor:
 
 def _cubic(x: torch.Tensor) -> torch.Tensor:
     a = x.abs()
-    return ((1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1)
-            + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+    return (1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1) + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * ((a > 1) & (a <= 2))
 
 
 def _imresize_matrix(n_in: int, scale: float) -> torch.Tensor:
@@ -123,8 +122,9 @@ def niqe_gray(gray: torch.Tensor) -> torch.Tensor:
     """NIQE of one (H, W) grey image on a [0, 255] scale (float64)."""
     h, w = (gray.shape[0] // BLOCK) * BLOCK, (gray.shape[1] // BLOCK) * BLOCK
     if h * w < 2 * BLOCK * BLOCK:  # the covariance needs at least two blocks
-        raise MetricError(f"NIQE needs an image of at least {BLOCK}x{2 * BLOCK} pixels, "
-                          f"got {gray.shape[1]}x{gray.shape[0]}")
+        raise MetricError(
+            f"NIQE needs an image of at least {BLOCK}x{2 * BLOCK} pixels, got {gray.shape[1]}x{gray.shape[0]}"
+        )
     img = gray[:h, :w].double()
     feats = []
     for scale in (1, 2):

