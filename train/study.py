@@ -40,12 +40,12 @@ def train(forms, data: str, runs: Path) -> None:
             shutil.copytree(run / "model", run / f"model-{minutes}")
 
 
-def evaluate(forms, runs: Path, hq: str, kinds=LR_KINDS) -> None:
+def evaluate(forms, runs: Path, hq: str, kinds=LR_KINDS, curve: bool = True) -> None:
     """1-step scores on each kind of LR, bicubic and Real-ESRGAN beside the first (resumable: a finished eval is
     not run again). The first form must have finished its budget."""
     out = runs / "study-eval"
     for kind in kinds:  # the learning curve on realesrgan LR; the other kinds at the end of the budget
-        segments = SEGMENTS if kind == "realesrgan" else SEGMENTS[-1:]
+        segments = SEGMENTS if kind == "realesrgan" and curve else SEGMENTS[-1:]
         for i, (form, minutes) in enumerate((f, m) for f in forms for m in reversed(segments)):
             model, dest = runs / f"study-{form}" / f"model-{minutes}", out / f"{form}-{minutes}-{kind}"
             if model.exists() and not (dest / "results.json").exists():
@@ -109,7 +109,9 @@ def report(forms, runs: Path, out: Path) -> dict:
             ranks[f] += r + 1
     bicubic_psnr = table["realesrgan"]["baselines"]["bicubic"]["psnr"]
     gated = {f: final[f]["realesrgan"]["psnr"] < bicubic_psnr - 1 for f in forms}
-    slope = {f: table["realesrgan"][f][SEGMENTS[-2]]["lpips"] - final[f]["realesrgan"]["lpips"] for f in forms}
+    curve = {f: table["realesrgan"][f] for f in forms}   # the tie-break needs the 20-minute point (eval without --no-curve)
+    slope = {f: curve[f][SEGMENTS[-2]]["lpips"] - curve[f][SEGMENTS[-1]]["lpips"] if SEGMENTS[-2] in curve[f] else 0.0
+             for f in forms}
     order = sorted(forms, key=lambda f: (gated[f], ranks[f], -slope[f]))
     summary = {
         "rule": "train/study/RULE.md",
@@ -147,13 +149,14 @@ def main():
     ap.add_argument(
         "--kinds", default=",".join(LR_KINDS), help="with eval: which kinds of LR (to run them in parallel)"
     )
+    ap.add_argument("--no-curve", action="store_true", help="with eval: the end of the budget only (a quick ranking)")
     ap.add_argument("--out", type=Path, default=HERE / "logs" / "study")
     args = ap.parse_args()
     forms = args.forms or ["tiny", "hybrid-s", "hybrid-m", "conv"]
     if args.what == "train":
         train(forms, args.data, args.runs)
     elif args.what == "eval":
-        evaluate(forms, args.runs, args.hq, args.kinds.split(","))
+        evaluate(forms, args.runs, args.hq, args.kinds.split(","), not args.no_curve)
     else:
         summary = report(forms, args.runs, args.out)
         print(json.dumps({k: summary[k] for k in ("rank_sum", "psnr_gate_failed", "order")}))
