@@ -109,9 +109,11 @@ def report(forms, runs: Path, out: Path) -> dict:
             ranks[f] += r + 1
     bicubic_psnr = table["realesrgan"]["baselines"]["bicubic"]["psnr"]
     gated = {f: final[f]["realesrgan"]["psnr"] < bicubic_psnr - 1 for f in forms}
-    curve = {f: table["realesrgan"][f] for f in forms}   # the tie-break needs the 20-minute point (eval without --no-curve)
-    slope = {f: curve[f][SEGMENTS[-2]]["lpips"] - curve[f][SEGMENTS[-1]]["lpips"] if SEGMENTS[-2] in curve[f] else 0.0
-             for f in forms}
+    curve = {f: table["realesrgan"][f] for f in forms}  # the tie-break needs the 20-minute point
+    slope = {
+        f: curve[f][SEGMENTS[-2]]["lpips"] - curve[f][SEGMENTS[-1]]["lpips"] if SEGMENTS[-2] in curve[f] else 0.0
+        for f in forms
+    }
     order = sorted(forms, key=lambda f: (gated[f], ranks[f], -slope[f]))
     summary = {
         "rule": "train/study/RULE.md",
