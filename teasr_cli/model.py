@@ -327,8 +327,9 @@ class TeasrDiT(nn.Module):
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
         self.t2_embedder.load_state_dict(self.t_embedder.state_dict())  # temb2 starts as a copy of temb
         # adaLN-Zero: every block starts as the identity and the model outputs zero velocity
-        zero = [m for m in self.modules() if isinstance(m, FiLMResBlock)]
-        zero = [b.adaLN_modulation[-1] for b in getattr(self, "blocks", [])] + [b.film for b in zero]
+        # adaLN-Zero for the DiT blocks, and its conv-feature twin: every FiLM starts unmodulated
+        zero = [b.adaLN_modulation[-1] for b in getattr(self, "blocks", [])]
+        zero += [m.film for m in self.modules() if isinstance(m, FiLMResBlock)]
         if self.config.depth:
             zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
         if self.config.trunk_channels:
