@@ -7,6 +7,8 @@ loading. Inputs are crops/resizes of a real photo. Prints a table and records be
     python benchmarks/upscale_speed.py --quick         # fewer cases
     python benchmarks/upscale_speed.py --vs-realesrgan # 512x512 -> 2048x2048, teasr 1 step vs Real-ESRGAN x4plus
     python benchmarks/upscale_speed.py --vs-dtypes     # the same case in fp32 and in bf16 (what --dtype auto picks)
+    python benchmarks/upscale_speed.py --vs-realesrgan --model train/checkpoints/campaign \
+        --record upscale_vs_realesrgan_campaign.json   # another model, its own record
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def main():
     ap.add_argument("--size", type=int, nargs=2)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--tile", type=int, default=0)
+    ap.add_argument("--record", default=None, help="file name under benchmarks/ for the results (default by mode)")
     args = ap.parse_args()
     if args.photo is None:
         import skimage.data
@@ -212,7 +215,7 @@ def main():
         print(
             f"median: fp32 {med['fp32']:.2f} s, bf16 {med['bf16']:.2f} s: bf16 is {out['fp32_over_bf16']:.2f}x as fast"
         )
-    name = (
+    name = args.record or (
         "upscale_memory.json"
         if args.memory
         else "upscale_vs_realesrgan.json"
