@@ -7,8 +7,8 @@ loading. Inputs are crops/resizes of a real photo. Prints a table and records be
     python benchmarks/upscale_speed.py --quick         # fewer cases
     python benchmarks/upscale_speed.py --vs-realesrgan # 512x512 -> 2048x2048, teasr 1 step vs Real-ESRGAN x4plus
     python benchmarks/upscale_speed.py --vs-dtypes     # the same case in fp32 and in bf16 (what --dtype auto picks)
-    python benchmarks/upscale_speed.py --vs-realesrgan --model train/checkpoints/campaign \
-        --record upscale_vs_realesrgan_campaign.json   # another model, its own record
+    python benchmarks/upscale_speed.py --vs-realesrgan --model train/study/tiny.toml,train/study/conv.toml \
+        --record upscale_vs_realesrgan_study.json     # several models (a .toml: its network, random weights)
 """
 
 from __future__ import annotations
@@ -71,16 +71,16 @@ def child(args):
 def load_model(spec, dtype="auto"):
     from teasr_cli.pipeline import Upscaler
 
-    if spec not in ("recipe", "buffers"):
+    if spec not in ("recipe", "buffers") and not spec.endswith(".toml"):
         return Upscaler.from_pretrained(spec or None, device="cpu", dtype=dtype)
-    # the shipped model's size with random weights: same speed, usable before weights exist
+    # a recipe's network with random weights (the tiny-cpu size by default): same speed, usable before weights exist
     import tomllib
     import torch
 
     from teasr_cli.codecs import build_codec
     from teasr_cli.model import DiTConfig, TeasrDiT
 
-    recipe = tomllib.loads((HERE.parent / "train/tiny-cpu.toml").read_text())
+    recipe = tomllib.loads(Path(spec if spec.endswith(".toml") else HERE.parent / "train/tiny-cpu.toml").read_text())
     codec = build_codec(recipe["codec"])
     # "buffers": the same pipeline with a 1-block, 64-wide DiT: what is left of the peak is the image-sized
     # buffers (latent, LQ latent, velocity, output), i.e. the memory that grows with the output size
@@ -124,7 +124,8 @@ def main():
     ap.add_argument(
         "--memory", action="store_true", help="only the 2000x1500 peak-memory case, with the 'buffers' model"
     )
-    ap.add_argument("--vs-realesrgan", action="store_true", help="512x512, teasr 1 step vs Real-ESRGAN, 3 rounds")
+    ap.add_argument("--vs-realesrgan", action="store_true", help="512x512, teasr 1 step vs Real-ESRGAN, in rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="with --vs-realesrgan: rounds of all models")
     ap.add_argument("--vs-dtypes", action="store_true", help="512x512, teasr 1 step in fp32 vs bf16, 3 rounds")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--child", action="store_true")
@@ -150,8 +151,10 @@ def main():
     rows = []
     cases = [(2000, 1500, 1, 0)] if args.memory else CASES_QUICK if args.quick else CASES_FULL
     models, dtypes = [args.model] * len(cases), [args.dtype] * len(cases)
-    if args.vs_realesrgan:  # alternate the two, so a noisy machine slows both alike; compare medians
-        cases, models = [(512, 512, 1, 0)] * 6, [args.model, "realesrgan"] * 3
+    specs = args.model.split(",")  # --vs-realesrgan takes several, e.g. the study's recipes (random weights)
+    if args.vs_realesrgan:  # alternate them, so a noisy machine slows all alike; compare medians
+        models = [*specs, "realesrgan"] * args.rounds
+        cases, dtypes = [(512, 512, 1, 0)] * len(models), [args.dtype] * len(models)
     if args.vs_dtypes:
         cases, models, dtypes = [(512, 512, 1, 0)] * 6, [args.model] * 6, ["fp32", "bf16"] * 3
     for (w, h, steps, tile), model, dtype in zip(cases, models, dtypes):
@@ -204,11 +207,12 @@ def main():
     if args.vs_realesrgan:
         med = {m: statistics.median(r["seconds"] for r in rows if r["model"] == m) for m in dict.fromkeys(models)}
         out["median_seconds"] = med
-        out["realesrgan_over_teasr"] = med["realesrgan"] / med[args.model]
-        print(
-            f"median: teasr 1 step {med[args.model]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
-            f"teasr is {out['realesrgan_over_teasr']:.2f}x as fast"
-        )
+        out["realesrgan_over_teasr"] = {m: med["realesrgan"] / med[m] for m in specs}
+        for m in specs:
+            print(
+                f"median: {m} 1 step {med[m]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "
+                f"{out['realesrgan_over_teasr'][m]:.2f}x as fast (the budget asks for 3x)"
+            )
     if args.vs_dtypes:
         med = {d: statistics.median(r["seconds"] for r in rows if r["dtype"] == d) for d in ("fp32", "bf16")}
         out["median_seconds"], out["fp32_over_bf16"] = med, med["fp32"] / med["bf16"]
