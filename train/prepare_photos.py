@@ -2,9 +2,11 @@
 
 Sources (all offline, see ../shared/ENVIRONMENT.md): scikit-image's sample photos, and the Debian packages
 lomiri-wallpapers-16.04 (CC-BY/CC-BY-SA), the two photos of lomiri-wallpapers-20.04 (CC-BY-SA-3.0; its
-other two are abstract), mate-backgrounds nature/ (GPL-2+), opencv-doc samples and matplotlib's grace_hopper
-portrait (public domain; the one close-up face, for skin), fetched with `apt-get download` and unpacked with
-`dpkg -x` (no install needed).
+other two are abstract), mate-backgrounds nature/ (GPL-2+), the eleven photos of lxqt-themes' wallpapers
+(CC-BY-SA-3.0 per its wallpapers/License, LGPL-2.1+ per debian/copyright; the rest are logos and abstract),
+opencv-doc samples and matplotlib's grace_hopper portrait (public domain; the one close-up face, for skin), fetched
+with `apt-get download` and unpacked with `dpkg -x` (no install needed). Checked, no photos: gnome-backgrounds,
+lomiri-wallpapers, ukui-wallpapers, sway-backgrounds, desktop-base, xfdesktop4-data, mypaint-data-extras.
 
 JPEG sources are downscaled by at least 2 (Lanczos) so their compression artefacts do not become the
 "HQ" target; the longest side is capped so a crop still shows a meaningful part of a scene.
@@ -29,8 +31,21 @@ import matplotlib.cbook
 import numpy as np
 from PIL import Image
 
-DEBS = ["lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "mate-backgrounds", "opencv-doc"]
+DEBS = ["lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04", "mate-backgrounds", "opencv-doc", "lxqt-themes"]
 ABSTRACT = {"Fossa_by_Jasper_Roks", "Painting-Colors_by__herobrine7gamer"}  # lomiri-wallpapers-20.04's non-photos
+LXQT_PHOTOS = [  # lxqt-themes' photos, named lxqt_<stem> (opencv-doc has a butterfly too)
+    "after-the-rain.jpg",
+    "appleflower.png",
+    "beam.png",
+    "butterfly.png",
+    "Butterfly-Kenneth-Wimer.jpg",
+    "cloud.png",
+    "drop.png",
+    "flowers.png",
+    "fog.jpg",
+    "this-is-not-windows.jpg",
+    "Valendas.png",
+]
 OPENCV_PHOTOS = [
     "baboon.jpg",
     "leuvenA.jpg",
@@ -70,7 +85,7 @@ SKIMAGE = [
     "brick",
 ]
 # held out: never trained on; 512x512 HR crops of these are the validation set
-VAL = {"Dragonfly_by_Bolly", "sunset_by_Aitzol_Berasategi", "LadyBird", "Storm", "leuvenB", "coffee"}
+VAL = {"Dragonfly_by_Bolly", "sunset_by_Aitzol_Berasategi", "LadyBird", "Storm", "leuvenB", "coffee", "lxqt_flowers"}
 MAX_SIDE = 1280
 
 
@@ -98,6 +113,8 @@ def sources(root: Path):
             yield f.stem, Image.open(f), True
     for f in sorted((bg / "mate/nature").glob("*.jpg")):
         yield f.stem, Image.open(f), True
+    for name in LXQT_PHOTOS:  # PNGs too are treated as JPEGs: camera photos, downscaled by at least 2 all the same
+        yield f"lxqt_{Path(name).stem}", Image.open(root / "usr/share/lxqt/wallpapers" / name), True
     data = root / "usr/share/doc/opencv-doc/examples/data"
     for name in OPENCV_PHOTOS:
         if (data / name).exists():
