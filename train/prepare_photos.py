@@ -85,7 +85,7 @@ SKIMAGE = [
     "brick",
 ]
 # held out: never trained on; 512x512 HR crops of these are the validation set
-VAL = {"Dragonfly_by_Bolly", "sunset_by_Aitzol_Berasategi", "LadyBird", "Storm", "leuvenB", "coffee", "lxqt_flowers"}
+VAL = {"Dragonfly_by_Bolly", "sunset_by_Aitzol_Berasategi", "LadyBird", "Storm", "leuvenB", "coffee"}
 MAX_SIDE = 1280
 
 
