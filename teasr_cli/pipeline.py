@@ -54,34 +54,21 @@ def adain_color_fix_(out, ref, eps: float = 1e-5):
     return out.sub_(mo).mul_(sr / (so + eps)).add_(mr)
 
 
-def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device, hybrid: bool = False) -> int:
+def auto_tile(latent_hw: tuple[int, int], patch: int, device: torch.device) -> int:
     """Largest square latent tile whose token count stays within a budget that fits the memory here.
 
     Attention grows with tokens squared, so the budget (tokens per branch) is what bounds the peak. On a CPU
-    attention also dominates the time of the plain DiT: measured on an idle 2-core machine with the tiny-cpu
-    model, a 512x512 input takes 25 s in 64x64-token tiles, 7.3 s in 32x32 and 6.2 s in 16x16 (despite the
-    recomputed quarter overlap), so its CPU budget is 16x16 tokens, still more context than the 12x12-token
-    training crops. A hybrid's time goes to its conv trunks, which every overlap computes twice, and its few
-    DiT blocks attend cheaply: a 256x256 input took 19.5 s in one 64x64-token tile against 28.5 s in 16x16.
+    attention also dominates the time: measured on an idle 2-core machine with the tiny-cpu model, a 512x512
+    input takes 25 s in 64x64-token tiles, 7.3 s in 32x32 and 6.2 s in 16x16 (despite the recomputed quarter
+    overlap), so the CPU budget is 16x16 tokens, which is still more context than the 12x12-token training crops.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         tokens = 4096 if free > 16 * 2**30 else 2048
     else:
-        tokens = 4096 if hybrid else 256
+        tokens = 256
     side = int(tokens**0.5) * patch
     return max(min(side, max(latent_hw)), 2 * patch)  # a latent smaller than 2 patches still gets a valid (single) tile
-
-
-def fit_tile(size: int, tile: int, overlap: int, patch: int) -> int:
-    """The smallest patch-aligned tile that covers `size` in as few tiles as `tile` needs, overlapping by
-    `overlap`: the same number of tiles with less recomputed border (512 latent px at most 256 with 16 overlap:
-    3 tiles of 184, not 3 of 256)."""
-    if tile >= size:
-        return tile
-    n = -(-(size - overlap) // (tile - overlap))
-    fit = -(-(size + (n - 1) * overlap) // n)
-    return min(tile, -(-fit // patch) * patch)
 
 
 def project_to_lr_(out, lr, scale: int, iters: int = 5):
@@ -155,7 +142,6 @@ class Upscaler:
         self.codec = codec.to(self.device)
         self.scale = scale
         self.patch = getattr(getattr(model, "config", None), "patch_size", 1)
-        self.hybrid = bool(getattr(getattr(model, "config", None), "trunk_channels", 0))  # conv trunks: big tiles
 
     @classmethod
     def from_pretrained(
@@ -284,13 +270,9 @@ class Upscaler:
         """(latent height, latent width, tile, tile overlap) for an h x w input."""
         m = max(1, -(-self.codec.downsample // self.scale))  # the input is padded to a multiple of m
         Hl, Wl = ((n + (-n) % m) * self.scale // self.codec.downsample for n in (h, w))
-        big = s.tile is None and self.hybrid  # a hybrid's auto tiles: big, a 4-token overlap, shrunk to fit
-        tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device, self.hybrid)
-        overlap = s.tile_overlap if s.tile_overlap is not None else 4 * self.patch if big else tile // 4
-        overlap = min(overlap, tile - 1)
-        if big:
-            tile = fit_tile(max(Hl, Wl), tile, overlap, self.patch)
-        return Hl, Wl, tile, overlap
+        tile = s.tile or auto_tile((Hl, Wl), self.patch, self.device)
+        overlap = s.tile_overlap if s.tile_overlap is not None else tile // 4
+        return Hl, Wl, tile, min(overlap, tile - 1)
 
     def work(self, h: int, w: int, settings: UpscaleSettings | None = None) -> int:
         """Model calls, in tiles over every pass (the anchor pass included), that an h x w input takes: the total

@@ -138,25 +138,3 @@ def test_a_perfect_x0_model_reaches_the_data_exactly_at_any_step_count(steps):
     model.train()  # training keeps the clamp: its targets stay bounded near t = 0
     v = model(noise, 0.01, z_lq, 0.0)
     torch.testing.assert_close(v, (noise - target) / model.config.t_min, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("size", [40, 128, 500, 512, 1000])
-def test_hybrid_auto_tiles_cover_with_little_recomputed_border(size):
-    """A hybrid's CPU tiles are big with a 4-token overlap, shrunk to fit: at most 10% of the latent is computed
-    twice per axis beyond that overlap, where the plain form's quarter-overlap 16x16-token tiles redo ~37%."""
-    from teasr_cli.pipeline import Upscaler, UpscaleSettings, fit_tile
-
-    up = Upscaler(hybrid(), PixelUnshuffleCodec(4), device="cpu", dtype="fp32")
-    Hl, Wl, tile, overlap = up.layout(size // 4, size // 4, UpscaleSettings())
-    assert (Hl, overlap) == (size // 4, 4 * up.patch) and (tile >= Hl or tile % up.patch == 0)
-    starts = tile_starts(Hl, min(tile, Hl), overlap, up.patch)
-    assert starts[-1] + min(tile, Hl) >= Hl and len(starts) * min(tile, Hl) <= 1.1 * Hl + len(starts) * overlap
-    assert fit_tile(Hl, tile, overlap, up.patch) == tile  # fitting is idempotent
-    plain = Upscaler(
-        TeasrDiT(DiTConfig(latent_channels=48, patch_size=2, hidden_size=32, depth=1, num_heads=2)),
-        PixelUnshuffleCodec(4),
-        device="cpu",
-        dtype="fp32",
-    )
-    t = min(32, Hl)  # the plain form's layout is unchanged: 16x16 tokens, a quarter overlap
-    assert plain.layout(size // 4, size // 4, UpscaleSettings())[2:] == (t, t // 4)
