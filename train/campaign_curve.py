@@ -33,13 +33,14 @@ def main():
     base = means(camp / "eval-default-realesrgan.json")
     lines = {"bicubic": base["bicubic"], "Real-ESRGAN x4plus": base["realesrgan"], "teasr-tiny": base["teasr 1 step"]}
     bar = lines["bicubic"]["lpips"] - 0.75 * (lines["bicubic"]["lpips"] - lines["Real-ESRGAN x4plus"]["lpips"])
-    curve = {"cpu_minutes": sorted(points), "hybrid-m": [points[m] for m in sorted(points)], "lines": lines}
-    curve["conv control (30 min)"], curve["lpips_bar"] = study["conv"]["30"], bar
+    minutes, conv = sorted(points), study["conv"]["30"]
+    curve = {"cpu_minutes": minutes, "hybrid-m": [points[m] for m in minutes], "lines": lines}
+    curve["conv control (30 min)"], curve["lpips_bar"] = conv, bar
     (camp / "campaign.json").write_text(json.dumps(curve, indent=1) + "\n")
     fig, axes = plt.subplots(1, len(KEYS), figsize=(16, 3.6), constrained_layout=True)
     for ax, k in zip(axes, KEYS):
-        ax.plot(curve["cpu_minutes"], [p[k] for p in curve["hybrid-m"]], "o-", label="campaign (hybrid-m)")
-        ax.plot([30], [study["conv"]["30"][k]], "s", c="tab:red", label="conv control, 30 min")
+        ax.plot(minutes, [p[k] for p in curve["hybrid-m"]], "o-", label="campaign (hybrid-m)")
+        ax.plot([30], [conv[k]], "s", c="tab:red", label="conv control, 30 min")
         for (name, v), style in zip(lines.items(), (":", "--", "-.")):
             ax.axhline(v[k], ls=style, c="gray", label=name)
         if k == "lpips":

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from teasr_cli.degrade import make_lq
 from teasr_cli.evaluation import realesrgan_x4plus
+from teasr_cli.imageio import from_pil
 from teasr_cli.pipeline import Upscaler
 
 p = argparse.ArgumentParser()
@@ -29,27 +30,27 @@ p.add_argument("--size", type=int, default=256, help="crop size in output pixels
 a = p.parse_args()
 
 
-def to_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
 def to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((x[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def resized(lq: torch.Tensor, resample) -> Image.Image:
+    return to_image(lq).resize((lq.shape[-1] * 4, lq.shape[-2] * 4), resample)
 
 
 hopper = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg"))  # 512x600; its LR is 128x150
 rows = [  # (label, LR tensor, crop centre as a fraction of the image)
     (
         "noisy LR (held out)",
-        make_lq(to_tensor(Image.open(a.noisy)), "realesrgan", torch.Generator().manual_seed(0)),
+        make_lq(from_pil(Image.open(a.noisy)).rgb[None], "realesrgan", torch.Generator().manual_seed(0)),
         (0.5, 0.5),
     ),
-    ("clean portrait LR", make_lq(to_tensor(hopper), "bicubic", torch.Generator()), (0.5, 0.42)),
+    ("clean portrait LR", make_lq(from_pil(hopper).rgb[None], "bicubic", torch.Generator()), (0.5, 0.42)),
 ]
 model, esrgan = Upscaler.from_pretrained(a.model), realesrgan_x4plus()
 methods = {
-    "LR (nearest)": lambda lq: to_image(lq).resize((lq.shape[-1] * 4, lq.shape[-2] * 4), Image.NEAREST),
-    "bicubic": lambda lq: to_image(lq).resize((lq.shape[-1] * 4, lq.shape[-2] * 4), Image.BICUBIC),
+    "LR (nearest)": lambda lq: resized(lq, Image.NEAREST),
+    "bicubic": lambda lq: resized(lq, Image.BICUBIC),
     "Real-ESRGAN x4plus": lambda lq: to_image(esrgan(lq)),
     **{
         f"{a.model_name} {n} step{'s' * (n > 1)}": (lambda lq, n=n: model(to_image(lq), steps=n, seed=0))
