@@ -12,24 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from teasr_cli.pipeline import Upscaler
-
-p = argparse.ArgumentParser()
-p.add_argument("--model", required=True)
-p.add_argument("--out", required=True)
-p.add_argument("--photo", default="data/photos/val/Dragonfly_by_Bolly.png")
-p.add_argument("--steps", type=int, default=1)
-p.add_argument("--box", type=int, nargs=4, default=(800, 400, 1200, 700), help="region of the 2000x1500 output")
-a = p.parse_args()
-
-lr = Image.open(a.photo).convert("RGB").resize((500, 375), Image.BICUBIC, reducing_gap=None)
-sr = Upscaler.from_pretrained(a.model)(lr, steps=a.steps, seed=0)
-assert sr.size == (2000, 1500), sr.size
-bic = lr.resize((2000, 1500), Image.BICUBIC)
-w, h = a.box[2] - a.box[0], a.box[3] - a.box[1]
-side = Image.new("RGB", (2 * w, h))
-side.paste(bic.crop(a.box), (0, 0))
-side.paste(sr.crop(a.box), (w, 0))
+PHOTO = "data/photos/val/Dragonfly_by_Bolly.png"
 
 
 def grid_ratio(im: Image.Image, period: int) -> float:
@@ -42,12 +25,33 @@ def grid_ratio(im: Image.Image, period: int) -> float:
     return float(np.mean(ratios))
 
 
-print(
-    "grid ratio (16 px, 4 px): bicubic "
-    + ", ".join(f"{grid_ratio(bic, k):.3f}" for k in (16, 4))
-    + "; model "
-    + ", ".join(f"{grid_ratio(sr, k):.3f}" for k in (16, 4))
-)
-Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-side.save(a.out)
-print(f"wrote {a.out} (left bicubic, right {a.model}, {a.steps} step(s))")
+def seam_check(model: str, photo: str = PHOTO, steps: int = 1, box=(800, 400, 1200, 700)):
+    """(side-by-side crop, {"bicubic"|"model": {"16": ratio, "4": ratio}}) of the whole 2000x1500 outputs."""
+    from teasr_cli.pipeline import Upscaler
+
+    lr = Image.open(photo).convert("RGB").resize((500, 375), Image.BICUBIC, reducing_gap=None)
+    sr = Upscaler.from_pretrained(model)(lr, steps=steps, seed=0)
+    assert sr.size == (2000, 1500), sr.size
+    bic = lr.resize((2000, 1500), Image.BICUBIC)
+    w, h = box[2] - box[0], box[3] - box[1]
+    side = Image.new("RGB", (2 * w, h))
+    side.paste(bic.crop(box), (0, 0))
+    side.paste(sr.crop(box), (w, 0))
+    return side, {name: {str(k): grid_ratio(im, k) for k in (16, 4)} for name, im in (("bicubic", bic), ("model", sr))}
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--photo", default=PHOTO)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--box", type=int, nargs=4, default=(800, 400, 1200, 700), help="region of the 2000x1500 output")
+    a = p.parse_args()
+    side, r = seam_check(a.model, a.photo, a.steps, tuple(a.box))
+    print(
+        "grid ratio (16 px, 4 px): " + "; ".join(f"{n} {r[n]['16']:.3f}, {r[n]['4']:.3f}" for n in ("bicubic", "model"))
+    )
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    side.save(a.out)
+    print(f"wrote {a.out} (left bicubic, right {a.model}, {a.steps} step(s))")

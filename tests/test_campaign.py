@@ -1,0 +1,101 @@
+"""train/campaign.py: the ship rule of train/logs/campaign/RULE.md line by line, and folding a run into the one
+resumable campaign folder (a real tiny training run, exported and swapped in place)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from skimage import data as skdata
+
+from teasr_cli.folders import load_pretrained
+from teasr_cli.trainer import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+import campaign  # noqa: E402
+
+
+def scores(lpips=(0.38, 0.29, 0.17), vgg=0.49, dists=0.28, psnr=28.0, four=0.47):
+    """{kind: {method: means}} as campaign.means reads them from `teasr eval`'s results.json."""
+    out = {k: {"teasr 1 step": {"lpips": v}} for k, v in zip(campaign.KINDS, lpips)}
+    out["realesrgan"]["teasr 1 step"].update({"lpips-vgg": vgg, "dists": dists, "psnr": psnr})
+    out["realesrgan"]["teasr 4 steps"] = {"lpips": four}
+    out["realesrgan"]["bicubic"] = {"psnr": 28.6}
+    return out
+
+
+def ships(c, grid=0.99, mb=18.0, speed=6.9):
+    lines = campaign.rule(c, scores(lpips=(0.385, 0.298, 0.180), vgg=0.50, dists=0.281, four=0.473), grid, mb, speed)
+    return [name[0] for name, (ok, _) in lines.items() if not ok]
+
+
+def test_rule_passes_a_model_that_meets_every_line():
+    assert ships(scores()) == []
+
+
+@pytest.mark.parametrize(
+    "cand, kw, failed",
+    [
+        (scores(lpips=(0.38, 0.30, 0.17)), {}, ["1"]),  # worse on mild LR
+        (scores(lpips=(0.383, 0.296, 0.178)), {}, ["1"]),  # no worse anywhere, but nowhere 0.005 better
+        (scores(vgg=0.51), {}, ["2"]),
+        (scores(dists=0.29), {}, ["2"]),
+        (scores(psnr=27.5), {}, ["3"]),  # 1.1 dB under bicubic
+        (scores(four=0.49), {}, ["4"]),
+        (scores(), {"grid": 1.03}, ["5"]),
+        (scores(), {"mb": 21.0}, ["6"]),
+        (scores(), {"speed": 2.9}, ["6"]),
+        (scores(), {"speed": None}, ["6"]),  # never measured: not shipped on trust
+    ],
+)
+def test_rule_fails_exactly_the_line_that_does_not_hold(cand, kw, failed):
+    assert ships(cand, **kw) == failed
+
+
+def test_rule_holds_at_its_bounds():
+    assert ships(scores(lpips=(0.38, 0.298, 0.180), psnr=27.6, four=0.483), grid=1.0, mb=20.0, speed=3.0) == []
+
+
+def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(skdata, name)()).save(photos / f"{name}.png")
+    fast = dict(degradation="bicubic", lpips="", threads=1, sample_every=0, log_every=1, seed=0, crop=32)
+    model = dict(hidden_size=32, depth=1, num_heads=2, patch_size=2)
+    runs = []
+    for i, stage in enumerate(("prior", "sad")):
+        init = str(tmp_path / "run0" / "model") if i else None
+        cfg = TrainConfig.load(None, data=str(photos), out=str(tmp_path / f"run{i}"), model=model, stage=stage,
+                               init=init, steps=2 + i, batch_size=1, **fast)  # fmt: skip
+        train(cfg)
+        runs.append(tmp_path / f"run{i}")
+    folder = tmp_path / "campaign"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text((runs[0] / "metrics.jsonl").read_text())
+    (folder / "stale.txt").write_text("from the last fold")
+
+    campaign.fold(runs[1], folder)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["campaign", "photos", "run0", "run1"]  # no .new/.old left
+    assert {p.name for p in folder.iterdir()} == {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "metrics.jsonl",
+        "train_config.json",
+    }
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert lines == "".join((r / "metrics.jsonl").read_text() for r in runs).splitlines()
+    assert json.loads((folder / "train_config.json").read_text())["stage"] == "sad"
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    load_pretrained(folder)  # a model folder `teasr upscale -m` takes
+    chain = campaign.chain([json.loads(line) for line in lines])
+    assert [(r["run"], r["stage"], r["steps"]) for r in chain] == [(str(runs[0]), "prior", 2), (str(runs[1]), "sad", 3)]
+    card = (folder / "README.md").read_text()
+    assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# campaign"
+    assert f"| {runs[0]} | prior | 2 |" in card and f"| {runs[1]} | sad | 3 |" in card

@@ -1,0 +1,201 @@
+"""The issue-18 campaign's bookkeeping: evaluate a model the way logs/campaign/RULE.md says, judge it line by line,
+fold a finished run into the one resumable folder, and plot the learning curve.
+
+    python train/campaign.py eval teasr_cli/weights --name default  # the shipped model, + bicubic, Real-ESRGAN
+    python train/campaign.py eval runs/campaign-sad2/model --name m410  # logs/campaign/eval-m410-<kind>, seam-m410
+    python train/campaign.py judge m410       # RULE.md against eval-default-*, line by line -> judge-m410.json
+    python train/campaign.py fold runs/campaign-sad2     # its fp16 export replaces checkpoints/campaign in place
+    python train/campaign.py curve            # eval-m<minutes>-realesrgan.json -> campaign.json, campaign.png
+
+`eval` names are `m<CPU minutes since the study began>` (the curve's x axis) or `default`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOGS = ROOT / "train/logs/campaign"
+FOLDER = ROOT / "train/checkpoints/campaign"
+SPEED = ROOT / "benchmarks/upscale_vs_realesrgan_campaign.json"
+KINDS = ("realesrgan", "mild", "bicubic")
+KEYS = ("lpips", "lpips-vgg", "dists", "psnr")
+
+
+def teasr(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "teasr_cli", *args], cwd=ROOT, check=True)
+
+
+def means(name: str, kind: str) -> dict:
+    res = json.loads((LOGS / f"eval-{name}-{kind}.json").read_text())
+    return {m["name"]: m["means"] for m in res["methods"]}
+
+
+def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
+    """RULE.md's evaluations: 1, 2 and 4 steps on realesrgan LR (+ NIQE), 1 step on mild and bicubic LR; the
+    shipped model's runs also score bicubic (and Real-ESRGAN on realesrgan LR). Then the token-grid check."""
+    sys.path.insert(0, str(ROOT / "train"))
+    from seam_check import seam_check
+
+    for kind in KINDS:
+        first = kind == "realesrgan"
+        base = ("bicubic,realesrgan" if first else "bicubic") if name == "default" else "none"
+        metrics = "psnr,lpips,lpips-vgg,dists" + ",niqe" * first
+        out = ROOT / "eval_results" / f"{name}-{kind}"
+        teasr("eval", "--model", model, "--hq", hq, "--degrade", kind, "--steps", "1,2,4" if first else "1",
+              "--metrics", metrics, "--baseline", base, "--out", str(out))  # fmt: skip
+        shutil.copy(out / "results.json", LOGS / f"eval-{name}-{kind}.json")
+    side, ratios = seam_check(model)
+    side.save(ROOT / "eval_results" / f"{name}-seam.png")
+    (LOGS / f"seam-{name}.json").write_text(json.dumps({"model": model, "grid_ratio": ratios}, indent=1) + "\n")
+
+
+def rule(c: dict, d: dict, grid16: float, mb: float, speed: float | None) -> dict:
+    """RULE.md's lines {line: (pass, numbers)}: candidate `c` and default `d` as {kind: {method: means}}."""
+    one = {k: (c[k]["teasr 1 step"]["lpips"], d[k]["teasr 1 step"]["lpips"]) for k in KINDS}
+    rc, rd = c["realesrgan"]["teasr 1 step"], d["realesrgan"]["teasr 1 step"]
+    bicubic_psnr = d["realesrgan"]["bicubic"]["psnr"]
+    four = c["realesrgan"]["teasr 4 steps"]["lpips"], d["realesrgan"]["teasr 4 steps"]["lpips"]
+    return {
+        "1 LPIPS no worse on each LR, 0.005 better on one": (
+            all(a <= b for a, b in one.values()) and any(b - a >= 0.005 for a, b in one.values()),
+            {k: f"{a:.4f} vs {b:.4f}" for k, (a, b) in one.items()},
+        ),
+        "2 LPIPS-vgg and DISTS no worse": (
+            rc["lpips-vgg"] <= rd["lpips-vgg"] and rc["dists"] <= rd["dists"],
+            f"{rc['lpips-vgg']:.4f} vs {rd['lpips-vgg']:.4f}, {rc['dists']:.4f} vs {rd['dists']:.4f}",
+        ),
+        "3 PSNR-Y within 1 dB of bicubic": (rc["psnr"] >= bicubic_psnr - 1, f"{rc['psnr']:.2f} vs {bicubic_psnr:.2f}"),
+        "4 4-step LPIPS within 0.01": (four[0] <= four[1] + 0.01, f"{four[0]:.4f} vs {four[1]:.4f}"),
+        "5 token-border ratio <= 1.0": (grid16 <= 1.0, f"{grid16:.3f}"),
+        "6 <= 20 MB and >= 3x Real-ESRGAN's speed": (
+            mb <= 20 and speed is not None and speed >= 3,
+            f"{mb:.1f} MB, " + ("speed not measured" if speed is None else f"{speed:.2f}x"),
+        ),
+    }
+
+
+def judge(name: str) -> dict:
+    """Every line of RULE.md for the model evaluated as `name`, against `default` scored the same way."""
+    grid = json.loads((LOGS / f"seam-{name}.json").read_text())["grid_ratio"]["model"]["16"]
+    folder = Path(json.loads((LOGS / f"eval-{name}-realesrgan.json").read_text())["config"]["model_folder"])
+    mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+    # Speed depends on the network, not its weights: the campaign folder's recorded ratio holds for the same config.
+    same_net = json.loads((folder / "config.json").read_text()) == json.loads((FOLDER / "config.json").read_text())
+    speed = json.loads(SPEED.read_text())["realesrgan_over_teasr"].get("train/checkpoints/campaign")
+    speed = speed if same_net else None
+    lines = rule(*({k: means(n, k) for k in KINDS} for n in (name, "default")), grid, mb, speed)
+    verdict = {"model": str(folder.relative_to(ROOT)), "ships": all(ok for ok, _ in lines.values())}
+    verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
+    (LOGS / f"judge-{name}.json").write_text(json.dumps(verdict, indent=1) + "\n")
+    return verdict
+
+
+def chain(metrics: list[dict]) -> list[dict]:
+    """The runs of a joined metrics.jsonl: stage, steps, CPU minutes (the last budget or export before the next)."""
+    runs = []
+    for r in metrics:
+        if "config" in r:
+            runs.append({"run": r["config"]["out"], "stage": r["config"]["stage"], "images": r["images"], "steps": 0})
+        elif "cpu_s" in r and runs:
+            runs[-1]["cpu_min"] = round(r["cpu_s"] / 60)
+            runs[-1]["steps"] = r["step"]
+    return runs
+
+
+def fold(run: Path, folder: Path = FOLDER) -> None:
+    """Replace the campaign folder in place: the run's fp16 EMA export, its train_config.json, the joined
+    metrics.jsonl, and a model card whose campaign section is the chain of runs read from those metrics."""
+    new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(new, ignore_errors=True)
+    teasr("export", str(run), "-o", str(new), "--half")
+    shutil.copy(run / "train_config.json", new)
+    joined = (folder / "metrics.jsonl").read_text() + (run / "metrics.jsonl").read_text()
+    (new / "metrics.jsonl").write_text(joined)
+    runs, total = chain([json.loads(line) for line in joined.splitlines()]), 0
+    rows = []
+    for r in runs:
+        total += r.get("cpu_min", 0)
+        rows.append(f"| {r['run']} | {r['stage']} | {r['steps']} | {r.get('cpu_min', '?')} | {total} | {r['images']} |")
+    card = (new / "README.md").read_text().replace(f"# {new.name}", f"# {folder.name}", 1)
+    section = "\n".join([
+        "## The campaign so far (issue 18)\n",
+        f"The hybrid-m form in one chain of `teasr train` runs, {total} CPU-minutes on 2 cores in all. `metrics.jsonl`",
+        "holds every run's log in order; `train/README.md` has the commands, `train/logs/campaign/` the evaluations",
+        "and the verdicts of `RULE.md`.\n",
+        "| run | stage | steps | CPU min | cumulative | photos |",
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
+        "\n## Training recipe (the last run)",
+    ])  # fmt: skip
+    (new / "README.md").write_text(card.replace("## Training recipe", section, 1))
+    folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old)
+
+
+def curve() -> dict:
+    """1-step scores on realesrgan LR against CPU minutes: the study's 30-minute hybrid-m, then every eval-m<N>."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = json.loads((LOGS.parent / "study" / "study.json").read_text())["table"]["realesrgan"]
+    points = {30: study["hybrid-m"]["30"]}
+    for p in LOGS.glob("eval-m*-realesrgan.json"):
+        name = re.match(r"eval-(m(\d+))-", p.name)
+        points[int(name.group(2))] = means(name.group(1), "realesrgan")["teasr 1 step"]
+    base = means("default", "realesrgan")
+    lines = {"bicubic": base["bicubic"], "Real-ESRGAN x4plus": base["realesrgan"], "teasr-tiny": base["teasr 1 step"]}
+    bar = lines["bicubic"]["lpips"] - 0.75 * (lines["bicubic"]["lpips"] - lines["Real-ESRGAN x4plus"]["lpips"])
+    minutes, conv = sorted(points), study["conv"]["30"]
+    data = {"cpu_minutes": minutes, "hybrid-m": [points[m] for m in minutes], "lines": lines}
+    data["conv control (30 min)"], data["lpips_bar"] = conv, bar
+    (LOGS / "campaign.json").write_text(json.dumps(data, indent=1) + "\n")
+    fig, axes = plt.subplots(1, len(KEYS), figsize=(16, 3.6), constrained_layout=True)
+    for ax, k in zip(axes, KEYS):
+        ax.plot(minutes, [p[k] for p in data["hybrid-m"]], "o-", label="campaign (hybrid-m)")
+        ax.plot([30], [conv[k]], "s", c="tab:red", label="conv control, 30 min")
+        for (name, v), style in zip(lines.items(), (":", "--", "-.")):
+            ax.axhline(v[k], ls=style, c="gray", label=name)
+        if k == "lpips":
+            ax.axhline(bar, c="tab:green", lw=0.8, label="issue-18 bar")
+        ax.set_title(f"{k} (realesrgan LR, 1 step)", fontsize=9)
+        ax.set_xlabel("CPU minutes (study + campaign)")
+    axes[0].legend(fontsize=7)
+    fig.savefig(LOGS / "campaign.png", dpi=70)
+    return {m: round(p["lpips"], 4) for m, p in points.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="RULE.md's evaluations of a model folder")
+    e.add_argument("model")
+    e.add_argument("--name", required=True, help="m<CPU minutes> or default")
+    sub.add_parser("judge", help="RULE.md line by line").add_argument("name")
+    sub.add_parser("fold", help="a finished run replaces the campaign folder").add_argument("run", type=Path)
+    sub.add_parser("curve", help="campaign.png and campaign.json")
+    a = p.parse_args()
+    if a.cmd == "eval":
+        evaluate(a.model, a.name)
+    elif a.cmd == "judge":
+        v = judge(a.name)
+        for line, r in v["lines"].items():
+            print(f"{'pass' if r['pass'] else 'FAIL'}  {line}: {r['numbers']}")
+        print(f"{v['model']}: {'ships' if v['ships'] else 'does not ship; the campaign goes on'}")
+    elif a.cmd == "fold":
+        fold(a.run)
+    else:
+        print(json.dumps(curve()))
+
+
+if __name__ == "__main__":
+    main()
