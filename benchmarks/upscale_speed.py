@@ -208,6 +208,10 @@ def main():
         med = {m: statistics.median(r["seconds"] for r in rows if r["model"] == m) for m in dict.fromkeys(models)}
         out["median_seconds"] = med
         out["realesrgan_over_teasr"] = {m: med["realesrgan"] / med[m] for m in specs}
+        # what was timed: a folder's network, so a ratio can be matched to another folder of the same form
+        out["networks"] = {
+            m: json.loads((Path(m) / "config.json").read_text())["model"] for m in specs if Path(m).is_dir()
+        }
         for m in specs:
             print(
                 f"median: {m} 1 step {med[m]:.2f} s, Real-ESRGAN x4plus {med['realesrgan']:.2f} s: "

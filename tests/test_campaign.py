@@ -99,3 +99,17 @@ def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
     card = (folder / "README.md").read_text()
     assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# campaign"
     assert f"| {runs[0]} | prior | 2 |" in card and f"| {runs[1]} | sad | 3 |" in card
+
+
+def test_judge_refuses_a_folder_replaced_since_its_evaluation(tmp_path, monkeypatch):
+    folder = tmp_path / "campaign"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights evaluated")
+    monkeypatch.setattr(campaign, "LOGS", tmp_path)
+    res = {"config": {"model_folder": str(folder)}, "methods": []}
+    (tmp_path / "eval-m1-realesrgan.json").write_text(json.dumps(res))
+    seam = {"model": str(folder), "sha256": campaign.weights_sha(folder), "grid_ratio": {}}
+    (tmp_path / "seam-m1.json").write_text(json.dumps(seam))
+    (folder / "model.safetensors").write_bytes(b"weights of a later fold")
+    with pytest.raises(SystemExit, match="not the weights evaluated as m1"):
+        campaign.judge("m1")

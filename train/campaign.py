@@ -13,6 +13,7 @@ fold a finished run into the one resumable folder, and plot the learning curve.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -53,7 +54,12 @@ def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
         shutil.copy(out / "results.json", LOGS / f"eval-{name}-{kind}.json")
     side, ratios = seam_check(model)
     side.save(ROOT / "eval_results" / f"{name}-seam.png")
-    (LOGS / f"seam-{name}.json").write_text(json.dumps({"model": model, "grid_ratio": ratios}, indent=1) + "\n")
+    rec = {"model": model, "sha256": weights_sha(Path(model)), "grid_ratio": ratios}
+    (LOGS / f"seam-{name}.json").write_text(json.dumps(rec, indent=1) + "\n")
+
+
+def weights_sha(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
 def rule(c: dict, d: dict, grid16: float, mb: float, speed: float | None) -> dict:
@@ -83,15 +89,20 @@ def rule(c: dict, d: dict, grid16: float, mb: float, speed: float | None) -> dic
 
 def judge(name: str) -> dict:
     """Every line of RULE.md for the model evaluated as `name`, against `default` scored the same way."""
-    grid = json.loads((LOGS / f"seam-{name}.json").read_text())["grid_ratio"]["model"]["16"]
+    seam = json.loads((LOGS / f"seam-{name}.json").read_text())
     folder = Path(json.loads((LOGS / f"eval-{name}-realesrgan.json").read_text())["config"]["model_folder"])
+    if seam.get("sha256") != weights_sha(folder):  # the folder was replaced (a fold) since `eval`
+        raise SystemExit(f"{folder}: not the weights evaluated as {name}; run `campaign.py eval` again")
     mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
-    # Speed depends on the network, not its weights: the campaign folder's recorded ratio holds for the same config.
-    same_net = json.loads((folder / "config.json").read_text()) == json.loads((FOLDER / "config.json").read_text())
-    speed = json.loads(SPEED.read_text())["realesrgan_over_teasr"].get("train/checkpoints/campaign")
-    speed = speed if same_net else None
-    lines = rule(*({k: means(n, k) for k in KINDS} for n in (name, "default")), grid, mb, speed)
-    verdict = {"model": str(folder.relative_to(ROOT)), "ships": all(ok for ok, _ in lines.values())}
+    # Speed depends on the network, not its weights: the recorded ratio holds for a folder of the same network.
+    bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
+    timed = [m for m, n in bench.get("networks", {}).items() if n == net]
+    speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
+    lines = rule(
+        *({k: means(n, k) for k in KINDS} for n in (name, "default")), seam["grid_ratio"]["model"]["16"], mb, speed
+    )
+    verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
+    verdict["ships"] = all(ok for ok, _ in lines.values())
     verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
     (LOGS / f"judge-{name}.json").write_text(json.dumps(verdict, indent=1) + "\n")
     return verdict
