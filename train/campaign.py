@@ -109,7 +109,7 @@ def judge(name: str) -> dict:
 
 
 def chain(metrics: list[dict]) -> list[dict]:
-    """The runs of a joined metrics.jsonl: stage, steps, CPU minutes (the last budget or export before the next)."""
+    """The runs of a joined metrics.jsonl: stage, photos, and the step and CPU minutes of each run's last record."""
     runs = []
     for r in metrics:
         if "config" in r:

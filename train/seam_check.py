@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 PHOTO = "data/photos/val/Dragonfly_by_Bolly.png"
+BOX = (800, 400, 1200, 700)  # the region of the 2000x1500 output shown side by side
 
 
 def grid_ratio(im: Image.Image, period: int) -> float:
@@ -25,7 +26,7 @@ def grid_ratio(im: Image.Image, period: int) -> float:
     return float(np.mean(ratios))
 
 
-def seam_check(model: str, photo: str = PHOTO, steps: int = 1, box=(800, 400, 1200, 700)):
+def seam_check(model: str, photo: str = PHOTO, steps: int = 1, box=BOX):
     """(side-by-side crop, {"bicubic"|"model": {"16": ratio, "4": ratio}}) of the whole 2000x1500 outputs."""
     from teasr_cli.pipeline import Upscaler
 
@@ -46,7 +47,7 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True)
     p.add_argument("--photo", default=PHOTO)
     p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--box", type=int, nargs=4, default=(800, 400, 1200, 700), help="region of the 2000x1500 output")
+    p.add_argument("--box", type=int, nargs=4, default=BOX, help="region of the 2000x1500 output")
     a = p.parse_args()
     side, r = seam_check(a.model, a.photo, a.steps, tuple(a.box))
     print(
