@@ -5,9 +5,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from safetensors import safe_open
 from skimage import data as skdata
 
@@ -113,3 +114,17 @@ def test_judge_refuses_a_folder_replaced_since_its_evaluation(tmp_path, monkeypa
     (folder / "model.safetensors").write_bytes(b"weights of a later fold")
     with pytest.raises(SystemExit, match="not the weights evaluated as m1"):
         campaign.judge("m1")
+
+
+def test_token_grid_ratio_sees_a_token_grid_and_not_the_lr_pixel_grid():
+    from seam_check import grid_ratio, token_grid_ratio
+
+    # Stationary content, so that every 4-px border sees the same statistics: smoothed LR noise, bicubic x4 (no
+    # token grid, but the 4-px grid of the LR pixels).
+    lr = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    up = lr.filter(ImageFilter.GaussianBlur(1)).resize((512, 512), Image.BICUBIC)
+    assert grid_ratio(up, 16) > 1.02  # the plain 16-px ratio counts the LR grid
+    assert token_grid_ratio(up) == pytest.approx(1.0, abs=0.01)
+    y = np.asarray(up, dtype=np.float64)
+    tiles = y + 2.0 * ((np.arange(512) // 16) % 2)[None, :, None]  # a 16-px stripe of tokens offset in x
+    assert token_grid_ratio(Image.fromarray(tiles.clip(0, 255).astype(np.uint8))) > 1.1
