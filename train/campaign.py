@@ -62,7 +62,7 @@ def weights_sha(folder: Path) -> str:
     return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
 
 
-def rule(c: dict, d: dict, grid16: float, mb: float, speed: float | None) -> dict:
+def rule(c: dict, d: dict, token_grid: float, mb: float, speed: float | None) -> dict:
     """RULE.md's lines {line: (pass, numbers)}: candidate `c` and default `d` as {kind: {method: means}}."""
     one = {k: (c[k]["teasr 1 step"]["lpips"], d[k]["teasr 1 step"]["lpips"]) for k in KINDS}
     rc, rd = c["realesrgan"]["teasr 1 step"], d["realesrgan"]["teasr 1 step"]
@@ -79,7 +79,7 @@ def rule(c: dict, d: dict, grid16: float, mb: float, speed: float | None) -> dic
         ),
         "3 PSNR-Y within 1 dB of bicubic": (rc["psnr"] >= bicubic_psnr - 1, f"{rc['psnr']:.2f} vs {bicubic_psnr:.2f}"),
         "4 4-step LPIPS within 0.01": (four[0] <= four[1] + 0.01, f"{four[0]:.4f} vs {four[1]:.4f}"),
-        "5 token-border ratio <= 1.0": (grid16 <= 1.0, f"{grid16:.3f}"),
+        "5 token grid: 16/4-px border ratio <= 1.01 (addendum 1)": (token_grid <= 1.01, f"{token_grid:.3f}"),
         "6 <= 20 MB and >= 3x Real-ESRGAN's speed": (
             mb <= 20 and speed is not None and speed >= 3,
             f"{mb:.1f} MB, " + ("speed not measured" if speed is None else f"{speed:.2f}x"),
@@ -93,13 +93,15 @@ def judge(name: str) -> dict:
     folder = Path(json.loads((LOGS / f"eval-{name}-realesrgan.json").read_text())["config"]["model_folder"])
     if seam.get("sha256") != weights_sha(folder):  # the folder was replaced (a fold) since `eval`
         raise SystemExit(f"{folder}: not the weights evaluated as {name}; run `campaign.py eval` again")
+    if "16/4" not in seam["grid_ratio"]["model"]:
+        raise SystemExit(f"{name} was evaluated before RULE.md's addendum 1; run `campaign.py eval` again")
     mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
     # Speed depends on the network, not its weights: the recorded ratio holds for a folder of the same network.
     bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
     timed = [m for m, n in bench.get("networks", {}).items() if n == net]
     speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
     lines = rule(
-        *({k: means(n, k) for k in KINDS} for n in (name, "default")), seam["grid_ratio"]["model"]["16"], mb, speed
+        *({k: means(n, k) for k in KINDS} for n in (name, "default")), seam["grid_ratio"]["model"]["16/4"], mb, speed
     )
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
     verdict["ships"] = all(ok for ok, _ in lines.values())
