@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - other huggingface_hub generations rais
     _TransportError = ConnectionError
 
 EMBEDDED_DIR: Path = Path(__file__).parent / "weights"
-DEFAULT_MODEL = "teasr-tiny"
+DEFAULT_MODEL = "teasr-hybrid"
 MODEL_FILES = ("config.json", "model.safetensors")
 OPTIONAL_FILES = ("README.md",)
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
@@ -59,7 +59,7 @@ class ModelSource:
 # Only models that really exist: the embedded one. Hub releases get an entry once they are published.
 KNOWN_MODELS: dict[str, ModelSource] = {
     DEFAULT_MODEL: ModelSource(
-        DEFAULT_MODEL, None, None, "default; small native dual-branch DiT shipped inside the package, runs on a CPU"
+        DEFAULT_MODEL, None, None, "default; hybrid dual-branch DiT with conv trunks, inside the package, runs on a CPU"
     ),
 }
 

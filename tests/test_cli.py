@@ -175,7 +175,7 @@ def test_help_shows_examples(cli):
 
 def test_models_lists_the_default(cli):
     result = cli("models", model=False)
-    assert result.exit_code == 0 and "teasr-tiny" in result.output
+    assert result.exit_code == 0 and "teasr-hybrid" in result.output
 
 
 # ------------------------------------------------------------------ batch

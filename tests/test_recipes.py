@@ -17,9 +17,11 @@ RECIPES = sorted((ROOT / "train" / "recipes").glob("*.toml"))
 RUN_RE = re.compile(r"^# run: (\S+)", re.M)
 LOGGED = [r for r in RECIPES if RUN_RE.search(r.read_text())]
 LOGS = ROOT / "train" / "logs"
-SHIPPED_RUN = "tiny-sad10"
-# Paths are the command line's (they differ between machines); `steps` is where the run was stopped, checked below.
-NOT_COMPARED = {"data", "out", "init", "steps"}
+CAMPAIGN = ROOT / "train" / "checkpoints" / "campaign" / "metrics.jsonl"  # every campaign run's log, in order
+SHIPPED_RUN, SHIPPED_RECIPE = "runs/campaign-sad4", "campaign-cpu-sad-clean.toml"  # the embedded default's run
+# Paths are the command line's (they differ between machines); `steps` and the time budgets are where the run was
+# stopped, checked below.
+NOT_COMPARED = {"data", "out", "init", "steps", "max_minutes", "max_cpu_minutes"}
 
 
 def run_of(recipe: Path) -> str:
@@ -59,9 +61,9 @@ def differences(loaded: dict, logged: dict, defaults: dict, prefix: str = "") ->
     return out
 
 
-def test_there_is_a_recipe_for_every_run_of_the_shipped_chain():
+def test_there_is_a_recipe_for_every_run_of_the_teasr_tiny_chain():
     runs = {run_of(r) for r in LOGGED}
-    assert {"tiny-prior", "tiny-prior2", "tiny-sad3", "tiny-sad5", "tiny-sad8", "tiny-sad9", SHIPPED_RUN} <= runs
+    assert {"tiny-prior", "tiny-prior2", "tiny-sad3", "tiny-sad5", "tiny-sad8", "tiny-sad9", "tiny-sad10"} <= runs
     assert len(runs) == len(LOGGED), "two recipes name the same run"
 
 
@@ -71,29 +73,41 @@ def test_every_recipe_loads(recipe):
     assert cfg.steps > 0 and cfg.stage in ("prior", "sad", "regress")
 
 
-@pytest.mark.parametrize("recipe", LOGGED, ids=[r.stem for r in LOGGED])
-def test_recipe_is_the_logged_config_of_its_run(recipe):
-    run = run_of(recipe)
-    cfg = TrainConfig.load(str(recipe), data="d", init="m")
-    loaded = cfg.to_dict()
-    logged = logged_config(run)
+def recipe_differences(recipe: Path, logged: dict) -> list[str]:
+    loaded = TrainConfig.load(str(recipe), data="d", init="m").to_dict()
     train_defaults, sad_defaults = asdict(TrainConfig()), asdict(SADConfig())
     diff = differences(
         {k: v for k, v in loaded.items() if k != "sad"}, {k: v for k, v in logged.items() if k != "sad"}, train_defaults
     )
-    diff += differences(loaded["sad"], logged["sad"], sad_defaults, prefix="sad.")
+    return diff + differences(loaded["sad"], logged["sad"], sad_defaults, prefix="sad.")
+
+
+@pytest.mark.parametrize("recipe", LOGGED, ids=[r.stem for r in LOGGED])
+def test_recipe_is_the_logged_config_of_its_run(recipe):
+    run = run_of(recipe)
+    cfg = TrainConfig.load(str(recipe), data="d", init="m")
+    logged = logged_config(run)
+    diff = recipe_differences(recipe, logged)
     assert not diff, f"{recipe.name} vs {run}'s log: " + "; ".join(diff)
     # the run got to the step the recipe stops at (logs come every log_every steps, a stop can fall between)
     steps = logged_steps(run)
     assert cfg.steps <= logged["steps"] and cfg.steps < max(steps) + cfg.log_every, (cfg.steps, max(steps))
 
 
-def test_shipped_recipe_stops_where_the_shipped_weights_were_taken():
-    recipe = next(r for r in LOGGED if run_of(r) == SHIPPED_RUN)
+def test_shipped_weights_are_the_end_of_their_recipes_run():
+    """The embedded default is the fp16 export of one campaign run (issue 18, stopped by its CPU budget): its recipe
+    is that run's logged config, the run ended at the shipped step, and the network is the campaign's."""
+    records = [json.loads(line) for line in CAMPAIGN.read_text().splitlines()]
+    starts = [i for i, r in enumerate(records) if r.get("config", {}).get("out") == SHIPPED_RUN]
+    assert len(starts) == 1
+    run = records[starts[0] :]
+    run = run[: next((i for i, r in enumerate(run[1:], 1) if "config" in r), len(run))]
+    diff = recipe_differences(ROOT / "train" / "recipes" / SHIPPED_RECIPE, run[0]["config"])
+    assert not diff, f"{SHIPPED_RECIPE} vs {SHIPPED_RUN}'s log: " + "; ".join(diff)
     shipped = json.loads((ROOT / "teasr_cli" / "weights" / "config.json").read_text())
-    cfg = TrainConfig.load(str(recipe), data="d", init="m")
-    assert cfg.steps == shipped["trained"]["steps"] and cfg.stage == shipped["trained"]["stage"]
-    assert {k: cfg.model[k] for k in ("hidden_size", "depth", "head_depth")} == {
-        k: shipped["model"][k] for k in ("hidden_size", "depth", "head_depth")
+    assert shipped["trained"] == {
+        "stage": run[0]["config"]["stage"],
+        "steps": run[-1]["step"],
+        "data": "data/photos/train",
     }
-    assert cfg.lora_rank == shipped["model"]["cond_lora_rank"]
+    assert shipped["model"] == json.loads((CAMPAIGN.parent / "config.json").read_text())["model"]
