@@ -102,17 +102,24 @@ def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
     assert f"| {runs[0]} | prior | 2 |" in card and f"| {runs[1]} | sad | 3 |" in card
 
 
-def test_judge_refuses_a_folder_replaced_since_its_evaluation(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "grid, later_weights, refusal",
+    [
+        ({"16/4": 1.0}, b"weights of a later fold", "not the weights evaluated as m1"),  # a fold since `eval`
+        ({"16": 1.0, "4": 1.0}, None, "before RULE.md's addendum 1"),  # no 16/4 ratio recorded
+    ],
+)
+def test_judge_refuses_what_it_cannot_judge(tmp_path, monkeypatch, grid, later_weights, refusal):
     folder = tmp_path / "campaign"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"weights evaluated")
     monkeypatch.setattr(campaign, "LOGS", tmp_path)
-    res = {"config": {"model_folder": str(folder)}, "methods": []}
-    (tmp_path / "eval-m1-realesrgan.json").write_text(json.dumps(res))
-    seam = {"model": str(folder), "sha256": campaign.weights_sha(folder), "grid_ratio": {"model": {"16/4": 1.0}}}
+    (tmp_path / "eval-m1-realesrgan.json").write_text(json.dumps({"config": {"model_folder": str(folder)}}))
+    seam = {"sha256": campaign.weights_sha(folder), "grid_ratio": {"model": grid}}
     (tmp_path / "seam-m1.json").write_text(json.dumps(seam))
-    (folder / "model.safetensors").write_bytes(b"weights of a later fold")
-    with pytest.raises(SystemExit, match="not the weights evaluated as m1"):
+    if later_weights:
+        (folder / "model.safetensors").write_bytes(later_weights)
+    with pytest.raises(SystemExit, match=refusal):
         campaign.judge("m1")
 
 
@@ -128,15 +135,3 @@ def test_token_grid_ratio_sees_a_token_grid_and_not_the_lr_pixel_grid():
     y = np.asarray(up, dtype=np.float64)
     tiles = y + 2.0 * ((np.arange(512) // 16) % 2)[None, :, None]  # a 16-px stripe of tokens offset in x
     assert token_grid_ratio(Image.fromarray(tiles.clip(0, 255).astype(np.uint8))) > 1.1
-
-
-def test_judge_refuses_a_seam_check_from_before_the_addendum(tmp_path, monkeypatch):
-    folder = tmp_path / "campaign"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"weights")
-    monkeypatch.setattr(campaign, "LOGS", tmp_path)
-    (tmp_path / "eval-m1-realesrgan.json").write_text(json.dumps({"config": {"model_folder": str(folder)}}))
-    seam = {"sha256": campaign.weights_sha(folder), "grid_ratio": {"model": {"16": 1.0, "4": 1.0}}}
-    (tmp_path / "seam-m1.json").write_text(json.dumps(seam))
-    with pytest.raises(SystemExit, match="before RULE.md's addendum 1"):
-        campaign.judge("m1")

@@ -18,24 +18,25 @@ PHOTO = "data/photos/val/Dragonfly_by_Bolly.png"
 BOX = (800, 400, 1200, 700)  # the region of the 2000x1500 output shown side by side
 
 
-def grid_ratio(im: Image.Image, period: int) -> float:
-    """Mean |step| between neighbours across borders of a `period`-pixel grid / within its cells (x and y)."""
-    y = np.asarray(im.convert("L"), dtype=np.float64)
-    ratios = []
-    for d in (np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0)).T):
-        border = (np.arange(d.shape[1]) + 1) % period == 0
-        ratios.append(d[:, border].mean() / d[:, ~border].mean())
-    return float(np.mean(ratios))
-
-
-def token_grid_ratio(im: Image.Image, token: int = 16, pixel: int = 4) -> float:
-    """Mean |step| across `token`-px borders / across the `pixel`-px borders between them (x and y)."""
+def step_ratio(im: Image.Image, num, den) -> float:
+    """Mean |step| between neighbours at the borders where `num(at)` holds over those where `den(at)` holds, x and
+    y averaged; `at` numbers the borders from 1 (border k lies between pixels k-1 and k)."""
     y = np.asarray(im.convert("L"), dtype=np.float64)
     ratios = []
     for d in (np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0)).T):
         at = np.arange(d.shape[1]) + 1
-        ratios.append(d[:, at % token == 0].mean() / d[:, (at % pixel == 0) & (at % token != 0)].mean())
+        ratios.append(d[:, num(at)].mean() / d[:, den(at)].mean())
     return float(np.mean(ratios))
+
+
+def grid_ratio(im: Image.Image, period: int) -> float:
+    """Mean |step| across borders of a `period`-pixel grid / within its cells (x and y)."""
+    return step_ratio(im, lambda at: at % period == 0, lambda at: at % period != 0)
+
+
+def token_grid_ratio(im: Image.Image, token: int = 16, pixel: int = 4) -> float:
+    """Mean |step| across `token`-px borders / across the `pixel`-px borders between them (x and y)."""
+    return step_ratio(im, lambda at: at % token == 0, lambda at: (at % pixel == 0) & (at % token != 0))
 
 
 def seam_check(model: str, photo: str = PHOTO, steps: int = 1, box=BOX):
