@@ -100,6 +100,7 @@ def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
     card = (folder / "README.md").read_text()
     assert card.splitlines()[card.splitlines().index("---", 1) + 2] == "# campaign"
     assert f"| {runs[0]} | prior | 2 |" in card and f"| {runs[1]} | sad | 3 |" in card
+    assert card.count(f" | {runs[0] / 'model'} |") == 1 and " | - |" in card  # what each run started from
 
 
 @pytest.mark.parametrize(

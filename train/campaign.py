@@ -111,15 +111,39 @@ def judge(name: str) -> dict:
 
 
 def chain(metrics: list[dict]) -> list[dict]:
-    """The runs of a joined metrics.jsonl: stage, photos, and the step and CPU minutes of each run's last record."""
+    """The runs of a joined metrics.jsonl: stage, photos, the weights each started from (a branch names its own),
+    and the step and CPU minutes of each run's last record."""
     runs = []
     for r in metrics:
         if "config" in r:
-            runs.append({"run": r["config"]["out"], "stage": r["config"]["stage"], "images": r["images"], "steps": 0})
+            c = r["config"]
+            runs.append(
+                {"run": c["out"], "stage": c["stage"], "images": r["images"], "steps": 0, "init": c.get("init")}
+            )
         elif "cpu_s" in r and runs:
             runs[-1]["cpu_min"] = round(r["cpu_s"] / 60)
             runs[-1]["steps"] = r["step"]
     return runs
+
+
+def card_section(joined: str) -> str:
+    """The model card's campaign section: the chain of runs read from the joined metrics.jsonl."""
+    runs, total = chain([json.loads(line) for line in joined.splitlines()]), 0
+    rows = []
+    for r in runs:
+        total += r.get("cpu_min", 0)
+        cells = (r["run"], r["stage"], r["steps"], r.get("cpu_min", "?"), total, r["images"], r["init"] or "-")
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join([
+        "## The campaign so far (issue 18)\n",
+        f"The hybrid-m form in a chain of `teasr train` runs, {total} CPU-minutes on 2 cores in all. `metrics.jsonl`",
+        "holds every run's log in order; `train/README.md` has the commands, `train/logs/campaign/` the evaluations",
+        "and the verdicts of `RULE.md`. \"from\" is the weights a run started from: the folder, or a branch.\n",
+        "| run | stage | steps | CPU min | cumulative | photos | from |",
+        "|---|---|---:|---:|---:|---:|---|",
+        *rows,
+        "\n## Training recipe (the last run)",
+    ])  # fmt: skip
 
 
 def fold(run: Path, folder: Path = FOLDER) -> None:
@@ -131,23 +155,8 @@ def fold(run: Path, folder: Path = FOLDER) -> None:
     shutil.copy(run / "train_config.json", new)
     joined = (folder / "metrics.jsonl").read_text() + (run / "metrics.jsonl").read_text()
     (new / "metrics.jsonl").write_text(joined)
-    runs, total = chain([json.loads(line) for line in joined.splitlines()]), 0
-    rows = []
-    for r in runs:
-        total += r.get("cpu_min", 0)
-        rows.append(f"| {r['run']} | {r['stage']} | {r['steps']} | {r.get('cpu_min', '?')} | {total} | {r['images']} |")
     card = (new / "README.md").read_text().replace(f"# {new.name}", f"# {folder.name}", 1)
-    section = "\n".join([
-        "## The campaign so far (issue 18)\n",
-        f"The hybrid-m form in one chain of `teasr train` runs, {total} CPU-minutes on 2 cores in all. `metrics.jsonl`",
-        "holds every run's log in order; `train/README.md` has the commands, `train/logs/campaign/` the evaluations",
-        "and the verdicts of `RULE.md`.\n",
-        "| run | stage | steps | CPU min | cumulative | photos |",
-        "|---|---|---:|---:|---:|---:|",
-        *rows,
-        "\n## Training recipe (the last run)",
-    ])  # fmt: skip
-    (new / "README.md").write_text(card.replace("## Training recipe", section, 1))
+    (new / "README.md").write_text(card.replace("## Training recipe", card_section(joined), 1))
     folder.rename(old)
     new.rename(folder)
     shutil.rmtree(old)
