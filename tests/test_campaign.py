@@ -60,6 +60,45 @@ def test_rule_holds_at_its_bounds():
     assert ships(scores(lpips=(0.38, 0.298, 0.180), psnr=27.6, four=0.483), grid=1.01, mb=20.0, speed=3.0) == []
 
 
+def realesrgan(lpips=0.33, vgg=0.47, dists=0.25, niqe=(6.5, 6.0, 5.9)):
+    """{method: means} on realesrgan LR: 1, 2 and 4 steps (a control has its 1 step only)."""
+    out = {"teasr 1 step": {"lpips": lpips, "lpips-vgg": vgg, "dists": dists, "niqe": niqe[0]}}
+    out.update({f"teasr {n} steps": {"niqe": v} for n, v in zip((2, 4), niqe[1:])})
+    return out
+
+
+@pytest.mark.parametrize(
+    "control, failed",
+    [
+        (realesrgan(), []),  # equal everywhere is level; NIQE 6.0 and 5.9 are below the control's 6.5
+        (realesrgan(lpips=0.329), ["level"]),
+        (realesrgan(vgg=0.469), ["level"]),
+        (realesrgan(dists=0.249), ["level"]),
+        (realesrgan(niqe=(5.95, 0, 0)), ["more"]),  # 4 steps (5.9) beat it, 2 steps (6.0) do not
+        (realesrgan(lpips=0.3, niqe=(5.0, 0, 0)), ["level", "more"]),
+    ],
+)
+def test_level_with_the_control_fails_exactly_the_bar_that_does_not_hold(control, failed):
+    lines = campaign.level(control, realesrgan())
+    assert [name.split()[0] for name, (ok, _) in lines.items() if not ok] == failed
+
+
+def test_judge_of_the_control_writes_the_bar_and_marks_early_exports_interim(tmp_path, monkeypatch):
+    folder = tmp_path / "control"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"control weights")
+    monkeypatch.setattr(campaign, "LOGS", tmp_path)
+    methods = {"default": realesrgan(), "control-m48": realesrgan(lpips=0.35, niqe=(7.5,))}
+    for name, means in methods.items():
+        res = {"config": {"model_folder": str(folder)}, "methods": [{"name": k, "means": v} for k, v in means.items()]}
+        (tmp_path / f"eval-{name}-realesrgan.json").write_text(json.dumps(res))
+    (tmp_path / "seam-control-m48.json").write_text(json.dumps({"sha256": campaign.weights_sha(folder)}))
+    monkeypatch.setattr(campaign, "ROOT", tmp_path)
+    v = campaign.judge("control-m48")
+    assert (v["verdict"], v["holds"]) == ("interim", True) and "ships" not in v
+    assert json.loads((tmp_path / "judge-control-m48.json").read_text()) == v
+
+
 def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

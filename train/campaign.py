@@ -40,7 +40,8 @@ def means(name: str, kind: str) -> dict:
 
 def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
     """RULE.md's evaluations: 1, 2 and 4 steps on realesrgan LR (+ NIQE), 1 step on mild and bicubic LR; the
-    shipped model's runs also score bicubic (and Real-ESRGAN on realesrgan LR). Then the token-grid check."""
+    shipped model's runs also score bicubic (and Real-ESRGAN on realesrgan LR). Then the token-grid check.
+    The conv control (`control-m<N>`, addendum 2) is a regression model: 1 step only."""
     sys.path.insert(0, str(ROOT / "train"))
     from seam_check import seam_check
 
@@ -49,7 +50,8 @@ def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
         base = ("bicubic,realesrgan" if first else "bicubic") if name == "default" else "none"
         metrics = "psnr,lpips,lpips-vgg,dists" + ",niqe" * first
         out = ROOT / "eval_results" / f"{name}-{kind}"
-        teasr("eval", "--model", model, "--hq", hq, "--degrade", kind, "--steps", "1,2,4" if first else "1",
+        steps = "1,2,4" if first and not name.startswith("control-") else "1"
+        teasr("eval", "--model", model, "--hq", hq, "--degrade", kind, "--steps", steps,
               "--metrics", metrics, "--baseline", base, "--out", str(out))  # fmt: skip
         shutil.copy(out / "results.json", LOGS / f"eval-{name}-{kind}.json")
     side, ratios = seam_check(model)
@@ -87,24 +89,47 @@ def rule(c: dict, d: dict, token_grid: float, mb: float, speed: float | None) ->
     }
 
 
+def level(c: dict, h: dict) -> dict:
+    """Addendum 2's lines {line: (pass, numbers)}: teasr-hybrid `h` against the conv control `c`, each as
+    {method: means} on realesrgan LR."""
+    one, ctrl, keys = h["teasr 1 step"], c["teasr 1 step"], ("lpips", "lpips-vgg", "dists")
+    niqe = {n: h[f"teasr {n} steps"]["niqe"] for n in (2, 4)}
+    return {
+        "level at 1 step: LPIPS-alex, LPIPS-vgg and DISTS no worse": (
+            all(one[k] <= ctrl[k] for k in keys),
+            {k: f"{one[k]:.4f} vs {ctrl[k]:.4f}" for k in keys},
+        ),
+        "more realistic: NIQE at 2 and 4 steps below the control's": (
+            all(v < ctrl["niqe"] for v in niqe.values()),
+            {f"{n} steps": f"{v:.2f} vs {ctrl['niqe']:.2f}" for n, v in niqe.items()},
+        ),
+    }
+
+
 def judge(name: str) -> dict:
-    """Every line of RULE.md for the model evaluated as `name`, against `default` scored the same way."""
+    """Every line of RULE.md for the model evaluated as `name`, against `default` scored the same way; for the
+    conv control (`control-m<N>`), addendum 2's bar that the default must hold against it."""
     seam = json.loads((LOGS / f"seam-{name}.json").read_text())
     folder = Path(json.loads((LOGS / f"eval-{name}-realesrgan.json").read_text())["config"]["model_folder"])
     if seam.get("sha256") != weights_sha(folder):  # the folder was replaced (a fold) since `eval`
         raise SystemExit(f"{folder}: not the weights evaluated as {name}; run `campaign.py eval` again")
-    if "16/4" not in seam["grid_ratio"]["model"]:
-        raise SystemExit(f"{name} was evaluated before RULE.md's addendum 1; run `campaign.py eval` again")
-    mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
-    # Speed depends on the network, not its weights: the recorded ratio holds for a folder of the same network.
-    bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
-    timed = [m for m, n in bench.get("networks", {}).items() if n == net]
-    speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
-    lines = rule(
-        *({k: means(n, k) for k in KINDS} for n in (name, "default")), seam["grid_ratio"]["model"]["16/4"], mb, speed
-    )
+    control = name.startswith("control-")
+    if control:
+        lines = level(means(name, "realesrgan"), means("default", "realesrgan"))
+    else:
+        if "16/4" not in seam["grid_ratio"]["model"]:
+            raise SystemExit(f"{name} was evaluated before RULE.md's addendum 1; run `campaign.py eval` again")
+        mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+        # Speed depends on the network, not its weights: the recorded ratio holds for a folder of the same network.
+        bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
+        timed = [m for m, n in bench.get("networks", {}).items() if n == net]
+        speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
+        scores = ({k: means(n, k) for k in KINDS} for n in (name, "default"))
+        lines = rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed)
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
-    verdict["ships"] = all(ok for ok, _ in lines.values())
+    if control:  # addendum 2: the bar is judged at 656 CPU-minutes; earlier exports are points on the curve
+        verdict["verdict"] = "interim" if int(name.split("-m")[1]) < 656 else "final"
+    verdict["holds" if control else "ships"] = all(ok for ok, _ in lines.values())
     verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
     (LOGS / f"judge-{name}.json").write_text(json.dumps(verdict, indent=1) + "\n")
     return verdict
@@ -163,28 +188,31 @@ def fold(run: Path, folder: Path = FOLDER) -> None:
 
 
 def curve() -> dict:
-    """1-step scores on realesrgan LR against CPU minutes: the study's 30-minute hybrid-m, then every eval-m<N>."""
+    """1-step scores on realesrgan LR against CPU minutes: the study's 30-minute hybrid-m, then every eval-m<N>;
+    beside it the equal-time conv control, every eval-control-m<N> (addendum 2)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     study = json.loads((LOGS.parent / "study" / "study.json").read_text())["table"]["realesrgan"]
-    points = {30: study["hybrid-m"]["30"]}
-    for p in LOGS.glob("eval-m*-realesrgan.json"):
-        name = re.match(r"eval-(m(\d+))-", p.name)
-        points[int(name.group(2))] = means(name.group(1), "realesrgan")["teasr 1 step"]
+    points, control = {30: study["hybrid-m"]["30"]}, {}
+    for p in LOGS.glob("eval-*m*-realesrgan.json"):
+        name = re.match(r"eval-((control-)?m(\d+))-", p.name)
+        (control if name.group(2) else points)[int(name.group(3))] = means(name.group(1), "realesrgan")["teasr 1 step"]
     base, tiny = means("default", "realesrgan"), means("teasr-tiny", "realesrgan")  # tiny: the default until m656
     lines = {"bicubic": base["bicubic"], "Real-ESRGAN x4plus": base["realesrgan"], "teasr-tiny": tiny["teasr 1 step"]}
     bar = lines["bicubic"]["lpips"] - 0.75 * (lines["bicubic"]["lpips"] - lines["Real-ESRGAN x4plus"]["lpips"])
     minutes, conv = sorted(points), study["conv"]["30"]
     data = {"cpu_minutes": minutes, "hybrid-m": [points[m] for m in minutes], "lines": lines}
     data["conv control (30 min)"], data["lpips_bar"] = conv, bar
+    data["conv control"] = {m: control[m] for m in sorted(control)}
     (LOGS / "campaign.json").write_text(json.dumps(data, indent=1) + "\n")
     fig, axes = plt.subplots(1, len(KEYS), figsize=(16, 3.6), constrained_layout=True)
     for ax, k in zip(axes, KEYS):
         ax.plot(minutes, [p[k] for p in data["hybrid-m"]], "o-", label="campaign (hybrid-m)")
-        ax.plot([30], [conv[k]], "s", c="tab:red", label="conv control, 30 min")
+        ax.plot(sorted(control), [control[m][k] for m in sorted(control)], "s-", c="tab:red", label="conv control")
+        ax.plot([30], [conv[k]], "s", mfc="none", c="tab:red", label="conv control, study (1 thread)")
         for (name, v), style in zip(lines.items(), (":", "--", "-.")):
             ax.axhline(v[k], ls=style, c="gray", label=name)
         if k == "lpips":
@@ -193,7 +221,8 @@ def curve() -> dict:
         ax.set_xlabel("CPU minutes (study + campaign)")
     axes[0].legend(fontsize=7)
     fig.savefig(LOGS / "campaign.png", dpi=70)
-    return {m: round(p["lpips"], 4) for m, p in points.items()}
+    return {"hybrid-m": {m: round(p["lpips"], 4) for m, p in points.items()},
+            "conv control": {m: round(p["lpips"], 4) for m, p in control.items()}}  # fmt: skip
 
 
 def main() -> None:
@@ -212,7 +241,10 @@ def main() -> None:
         v = judge(a.name)
         for line, r in v["lines"].items():
             print(f"{'pass' if r['pass'] else 'FAIL'}  {line}: {r['numbers']}")
-        print(f"{v['model']}: {'ships' if v['ships'] else 'does not ship; the campaign goes on'}")
+        if "holds" in v:
+            print(f"teasr-hybrid against {v['model']} ({v['verdict']}): {'level' if v['holds'] else 'not level'}")
+        else:
+            print(f"{v['model']}: {'ships' if v['ships'] else 'does not ship; the campaign goes on'}")
     elif a.cmd == "fold":
         fold(a.run)
     else:
