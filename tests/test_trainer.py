@@ -548,6 +548,11 @@ def test_sad_stage_can_train_the_conv_head_too(photos, prior_dir, tmp_path):
         assert torch.equal(got[k2], v) != trained, k
     with pytest.raises(TeasrError, match="conv head"):
         build_model(tiny_cfg(photos, tmp_path / "x", stage="sad", init=str(prior_dir), train_head=True))
+    conv_only = train(
+        tiny_cfg(photos, tmp_path / "conv", stage="regress", steps=1, model={**TINY, "depth": 0, "trunk_channels": 8})
+    )
+    with pytest.raises(TeasrError, match="conv-only"):  # no DiT blocks for the LoRA: one line, not peft's traceback
+        build_model(tiny_cfg(photos, tmp_path / "y", stage="sad", init=str(conv_only)))
     # a deeper head: the new residual convs start at zero (the same function) and then train
     deep = dict(
         stage="sad",

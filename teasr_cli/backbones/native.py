@@ -33,6 +33,8 @@ class NativeBackbone(Backbone):
             raise TeasrError("--stage sad needs --init MODEL_DIR (the prior to distil)")
 
     def add_cond_lora(self, model: nn.Module, rank: int, alpha: float) -> None:
+        if not model.config.depth:  # the LoRA's targets are the DiT blocks' condition path
+            raise TeasrError("stage sad needs a model with DiT blocks (depth > 0); this one is conv-only")
         add_lora(model, rank, alpha)
 
     def grow(self, model: TeasrDiT, config: dict, train) -> tuple[TeasrDiT, dict]:
