@@ -27,6 +27,7 @@ FOLDER = ROOT / "train/checkpoints/campaign"
 SPEED = ROOT / "benchmarks/upscale_vs_realesrgan_campaign.json"
 KINDS = ("realesrgan", "mild", "bicubic")
 KEYS = ("lpips", "lpips-vgg", "dists", "psnr")
+CONTROL_MINUTES = 716  # the CPU-minutes the default's weights carry: the control's equal time (RULE.md addendum 3)
 
 
 def teasr(*args: str) -> None:
@@ -127,8 +128,8 @@ def judge(name: str) -> dict:
         scores = ({k: means(n, k) for k in KINDS} for n in (name, "default"))
         lines = rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed)
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
-    if control:  # addendum 2: the bar is judged at 656 CPU-minutes; earlier exports are points on the curve
-        verdict["verdict"] = "interim" if int(name.split("-m")[1]) < 656 else "final"
+    if control:  # addenda 2-3: the bar is judged at the default's CPU-minutes; earlier exports are curve points
+        verdict["verdict"] = "interim" if int(name.split("-m")[1]) < CONTROL_MINUTES else "final"
     verdict["holds" if control else "ships"] = all(ok for ok, _ in lines.values())
     verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
     (LOGS / f"judge-{name}.json").write_text(json.dumps(verdict, indent=1) + "\n")
