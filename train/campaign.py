@@ -207,12 +207,12 @@ def curve() -> dict:
     minutes, conv = sorted(points), study["conv"]["30"]
     data = {"cpu_minutes": minutes, "hybrid-m": [points[m] for m in minutes], "lines": lines}
     data["conv control (30 min)"], data["lpips_bar"] = conv, bar
-    data["conv control"] = {m: control[m] for m in sorted(control)}
+    data["conv control"] = control = dict(sorted(control.items()))
     (LOGS / "campaign.json").write_text(json.dumps(data, indent=1) + "\n")
     fig, axes = plt.subplots(1, len(KEYS), figsize=(16, 3.6), constrained_layout=True)
     for ax, k in zip(axes, KEYS):
         ax.plot(minutes, [p[k] for p in data["hybrid-m"]], "o-", label="campaign (hybrid-m)")
-        ax.plot(sorted(control), [control[m][k] for m in sorted(control)], "s-", c="tab:red", label="conv control")
+        ax.plot(list(control), [p[k] for p in control.values()], "s-", c="tab:red", label="conv control")
         ax.plot([30], [conv[k]], "s", mfc="none", c="tab:red", label="conv control, study (1 thread)")
         for (name, v), style in zip(lines.items(), (":", "--", "-.")):
             ax.axhline(v[k], ls=style, c="gray", label=name)
