@@ -54,6 +54,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup: int = 0
+    # "linear": after warmup the rate falls to 0 at `steps`, so that a run's last weights (the ones judged) are
+    # annealed rather than a snapshot of a noisy constant-rate walk.
+    lr_schedule: str = "constant"  # "constant" | "linear"
     lora_rank: int = 128
     lora_alpha: float = 128.0
     train_head: bool = False  # sad: the conv head trains too (the LoRA alone cannot mend its token grid)
@@ -113,6 +116,8 @@ class TrainConfig:
                 f"degradation must be one of {', '.join(LR_KINDS)} or a mixture {{name: weight}} "
                 f"of them with non-negative weights, not {cfg.degradation!r}"
             )
+        if cfg.lr_schedule not in ("constant", "linear"):
+            raise TeasrError(f"lr_schedule must be constant or linear, not {cfg.lr_schedule!r}")
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
         return cfg
@@ -288,6 +293,14 @@ def pick_degradation(degradation: str | dict, g: torch.Generator) -> str:
     return names[int(torch.multinomial(w / w.sum(), 1, generator=g))]
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The rate at optimizer step `step` (0-based) over cfg.lr: linear warmup, then constant or linear to 0."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    if cfg.lr_schedule == "linear":
+        return warm * max(0.0, 1.0 - step / cfg.steps)
+    return warm
+
+
 def stage_sad_config(cfg: TrainConfig) -> SADConfig:
     """The prior stage is plain conditional flow matching, the regress stage only the pixel anchor (MSE + LPIPS
     on the one-pass output): every other term off."""
@@ -336,9 +349,7 @@ def train(
     step = load_checkpoint(ckpt, model, opt, ema) if ckpt else 0
     for group in opt.param_groups:  # the recipe's rate, not the one saved with the optimizer state
         group["lr"] = group["initial_lr"] = cfg.lr
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0, last_epoch=step - 1 if step else -1
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg), last_epoch=step - 1 if step else -1)
     dmodel, opt = acc.prepare(model, opt)
     if ema is not None:  # beside the weights, which prepare() moved to the GPU: one update kernel per tensor
         ema = {n: v.to(acc.device) for n, v in ema.items()}
@@ -404,6 +415,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        lr = sched.get_last_lr()[0]  # this step's rate, logged below
         sched.step()
         step += 1
         if ema is not None:
@@ -419,7 +431,7 @@ def train(
                 rec = {
                     "step": step,
                     **{k: v / (step - logged_at) for k, v in sums.items()},
-                    "lr": sched.get_last_lr()[0],
+                    "lr": lr,
                     "it_s": (step - logged_at) / max(dt, 1e-9),
                     "samples_s": (step - logged_at) * per_step / max(dt, 1e-9),
                     "skipped_images": len(images.skipped),

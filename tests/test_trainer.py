@@ -134,6 +134,7 @@ def test_config_recipe_stage_tables_and_overrides(tmp_path):
         ("", {"stage": "distil"}, "prior, sad or regress"),
         ("crop = 100\n", {}, "multiple of 32"),
         ("lr = \n", {}, "cannot read recipe"),
+        ('lr_schedule = "cosine"\n', {}, "constant or linear"),
     ],
 )
 def test_config_errors_are_one_line_teasr_errors(tmp_path, text, kw, words):
@@ -449,6 +450,22 @@ def test_resume_after_kill_equals_uninterrupted_run(photos, tmp_path):
     losses = [[{k: v for k, v in r.items() if k in ("step", "loss", "flow")} for r in rs if "loss" in r] for rs in recs]
     assert [r["step"] for r in losses[1]] == [1, 2, 3, 4] and losses[0] == losses[1]
     assert [r.get("from_step") for r in recs[1] if r.get("event") == "resume"] == [2]
+
+
+def test_linear_schedule_warms_up_then_falls_to_zero_at_the_last_step(photos, tmp_path):
+    """Each step's logged rate is lr * lr_factor, across a kill and resume: warmup 1/2, then 1 - s/steps."""
+    kw = dict(steps=4, batch_size=1, ckpt_every=1, warmup=2, lr=1e-3, lr_schedule="linear")
+    recs = []
+
+    def killed_at_step_3(rec):  # logged before its checkpoint: the resume recomputes step 3 from ckpt 2
+        if rec.get("step") == 3:
+            raise KeyboardInterrupt
+        recs.append(rec)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(photos, tmp_path, **kw), callback=killed_at_step_3)
+    train(tiny_cfg(photos, tmp_path, **kw), resume=True, callback=recs.append)
+    assert [r["lr"] for r in recs if "lr" in r] == pytest.approx([1e-3 * f for f in (1 / 2, 3 / 4, 2 / 4, 1 / 4)])
 
 
 def test_resume_with_a_new_learning_rate_uses_it(photos, tmp_path):
