@@ -59,6 +59,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" | "linear"
     lora_rank: int = 128
     lora_alpha: float = 128.0
+    # sad: the LoRA factors' own rate (0 = lr). The weights that train in full (the condition trunk and embedders,
+    # the decoder) can then take a conv net's rate while the LoRA keeps the small one it is stable at.
+    lora_lr: float = 0.0
     train_head: bool = False  # sad: the conv head trains too (the LoRA alone cannot mend its token grid)
     ema: float = 0.0  # EMA decay of trainable weights (0 = off)
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (GPU)
@@ -118,6 +121,8 @@ class TrainConfig:
             )
         if cfg.lr_schedule not in ("constant", "linear"):
             raise TeasrError(f"lr_schedule must be constant or linear, not {cfg.lr_schedule!r}")
+        if cfg.lora_lr < 0:
+            raise TeasrError(f"lora_lr must be >= 0 (0 = lr), not {cfg.lora_lr}")
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
         return cfg
@@ -216,6 +221,20 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, dict]:
     return model, mcfg
 
 
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights: one group at `lr`, or, with a distinct `lora_lr`, the LoRA factors in a
+    second group (the first group's rate is the one logged)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for _, p in named], "lr": cfg.lr}]
+    if cfg.lora_lr and cfg.lora_lr != cfg.lr:
+        groups = [
+            {"params": [p for n, p in named if "lora_" not in n], "lr": cfg.lr},
+            {"params": [p for n, p in named if "lora_" in n], "lr": cfg.lora_lr},
+        ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
 def export_model(
     model,
     mcfg: dict,
@@ -244,7 +263,7 @@ def export_checkpoint(
     except (OSError, ValueError) as e:
         raise TeasrError(f"cannot read {run / 'train_config.json'}: {e}") from None
     model, mcfg = build_model(cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = make_optimizer(model, cfg)
     ema = {} if use_ema and cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema)
     meta = {"trained": {"stage": cfg.stage, "steps": step, "data": cfg.data}}
@@ -344,11 +363,12 @@ def train(
     if cfg.stage != "prior" and cfg.lpips and sad_cfg.lambda_data > 0 and sad_cfg.lambda_lpips > 0:
         lpips = LPIPS(net=cfg.lpips).to(acc.device).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
+    rates = [g["lr"] for g in opt.param_groups]
     ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} if cfg.ema > 0 else None
     step = load_checkpoint(ckpt, model, opt, ema) if ckpt else 0
-    for group in opt.param_groups:  # the recipe's rate, not the one saved with the optimizer state
-        group["lr"] = group["initial_lr"] = cfg.lr
+    for group, rate in zip(opt.param_groups, rates):  # the recipe's rates, not those saved with the optimizer
+        group["lr"] = group["initial_lr"] = rate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg), last_epoch=step - 1 if step else -1)
     dmodel, opt = acc.prepare(model, opt)
     if ema is not None:  # beside the weights, which prepare() moved to the GPU: one update kernel per tensor

@@ -24,6 +24,7 @@ from teasr_cli.sad import SADConfig, draw_sample, sad_losses
 from teasr_cli.trainer import (
     TrainConfig,
     build_model,
+    export_checkpoint,
     export_model,
     latest_checkpoint,
     make_batch,
@@ -135,6 +136,7 @@ def test_config_recipe_stage_tables_and_overrides(tmp_path):
         ("crop = 100\n", {}, "multiple of 32"),
         ("lr = \n", {}, "cannot read recipe"),
         ('lr_schedule = "cosine"\n', {}, "constant or linear"),
+        ("lora_lr = -1e-4\n", {}, "lora_lr"),
     ],
 )
 def test_config_errors_are_one_line_teasr_errors(tmp_path, text, kw, words):
@@ -475,6 +477,32 @@ def test_resume_with_a_new_learning_rate_uses_it(photos, tmp_path):
     recs = []
     train(tiny_cfg(photos, tmp_path, lr=2e-4, **{**kw, "steps": 3}), resume=True, callback=recs.append)
     assert [r["lr"] for r in recs if "lr" in r] == [pytest.approx(2e-4)]
+
+
+def test_lora_lr_is_the_lora_factors_own_rate_across_a_resume(photos, prior_dir, tmp_path):
+    """Adam's first update of a weight with a gradient is sign(g) * rate (bias-corrected, eps aside): after one SAD
+    step the weights trained in full moved by lr, the LoRA's up factors (zero before) by lora_lr. A run killed
+    after step 1 resumes with both rates and ends where the straight run ends; --export rebuilds both groups."""
+    kw = dict(stage="sad", init=str(prior_dir), batch_size=1, lr=1e-2, lora_lr=1e-3, lora_rank=4, lora_alpha=4)
+    one = train(tiny_cfg(photos, tmp_path / "one", steps=1, **kw))
+    prior, got = load_file(prior_dir / "model.safetensors"), load_file(one / "model.safetensors")
+    full = max((got[k] - prior[k]).abs().max().item() for k in prior if k.startswith(("c_embedder.", "t2_embedder.")))
+    up = max(v.abs().max().item() for k, v in got.items() if "lora_up" in k)
+    assert full == pytest.approx(1e-2, rel=1e-3) and up == pytest.approx(1e-3, rel=1e-3)
+
+    def killed_at_step_2(rec):
+        if rec.get("step") == 2:
+            raise KeyboardInterrupt
+
+    two = dict(kw, steps=2, ckpt_every=1)
+    straight = train(tiny_cfg(photos, tmp_path / "straight", **two))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(photos, tmp_path / "killed", **two), callback=killed_at_step_2)
+    resumed = train(tiny_cfg(photos, tmp_path / "killed", **two), resume=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    exported = export_checkpoint(tmp_path / "killed", tmp_path / "exported")
+    assert all(torch.equal(a[k], v) for k, v in load_file(exported / "model.safetensors").items())
 
 
 def test_short_prior_run_on_real_photos_lowers_flow_loss(photos, tmp_path):
