@@ -160,6 +160,7 @@ def test_burst_takes_the_objective_from_the_campaign(tmp_path):
         "batch_size": 6,
         "crop": 128,
         "lr": 3e-4,
+        "lora_lr": 5e-5,
         "degradation": "mild",
         "sad": {"lambda_rect": 0.0},
         "workers": 0,
@@ -170,7 +171,7 @@ def test_burst_takes_the_objective_from_the_campaign(tmp_path):
     cfg = gpu_train.burst_config(gpu_train.RECIPE, init, campaign_cfg, "d", "o", 3.0)
     recipe = gpu_train.trainer.TrainConfig.load(str(gpu_train.RECIPE), data="d", init="m")
     assert (cfg.stage, cfg.ema, cfg.lora_rank, cfg.degradation, cfg.sad.lambda_rect) == ("prior", 0.999, 8, "mild", 0.0)
-    assert (cfg.batch_size, cfg.crop, cfg.lr) == (recipe.batch_size, recipe.crop, recipe.lr)
+    assert (cfg.batch_size, cfg.crop, cfg.lr, cfg.lora_lr) == (recipe.batch_size, recipe.crop, recipe.lr, 1e-4)
     assert cfg.mixed_precision == "bf16"
     assert cfg.max_minutes == 3.0 and cfg.init == str(camp) and cfg.model == {}  # the architecture is --init's
 
