@@ -128,7 +128,7 @@ def judge(name: str) -> dict:
         scores = ({k: means(n, k) for k in KINDS} for n in (name, "default"))
         lines = rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed)
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
-    if control:  # addenda 2-3: the bar is judged at the default's CPU-minutes; earlier exports are curve points
+    if control:  # addenda 2-4: the bar is judged at the default's CPU-minutes; earlier exports are curve points
         verdict["verdict"] = "interim" if int(name.split("-m")[1]) < CONTROL_MINUTES else "final"
     verdict["holds" if control else "ships"] = all(ok for ok, _ in lines.values())
     verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
