@@ -717,10 +717,14 @@ def train(
                 threads=threads,
                 gradient_checkpointing=gradient_checkpointing,
             )
-        if steps is not None:
-            cfg.steps = steps
-        for k, v in (("max_minutes", max_minutes), ("max_cpu_minutes", max_cpu_minutes)):
-            if v is not None:  # also on --resume: a new session brings a new budget
+        # Also on --resume: a new session brings a new budget and may have other cores; none changes the maths.
+        for k, v in (
+            ("steps", steps),
+            ("max_minutes", max_minutes),
+            ("max_cpu_minutes", max_cpu_minutes),
+            ("threads", threads),
+        ):
+            if v is not None:
                 setattr(cfg, k, v)
         list_images(cfg.data)  # a bad --data fails here, before any progress bar
     except TeasrError as e:

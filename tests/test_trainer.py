@@ -657,13 +657,15 @@ def test_cli_train_resume_export_then_upscale(photos, tmp_path, keep_signal_hand
     )
     run = tmp_path / "run"
     runner = CliRunner()
-    base = ["train", "--out", str(run), "--threads", "1"]
-    r = runner.invoke(app, base + ["-c", str(recipe), "--data", str(photos), "--steps", "3", "--crop", "32"])
+    base = ["train", "--out", str(run)]
+    first = ["-c", str(recipe), "--data", str(photos), "--steps", "3", "--crop", "32", "--threads", "2"]
+    r = runner.invoke(app, base + first)
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run).name == "ckpt-0000003"
-    r = runner.invoke(app, base + ["--resume", "--steps", "5"])  # the saved config, 2 more steps
+    r = runner.invoke(app, base + ["--resume", "--steps", "5", "--threads", "1"])  # the saved config, 2 more steps
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run).name == "ckpt-0000005"
+    assert json.loads((run / "train_config.json").read_text())["threads"] == 1  # a resume takes the new cores
     steps = [json.loads(ln).get("step") for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s] == [1, 2, 3, 3, 4, 5, 5]  # logs, exports (3 and 5), no step repeated
     r = runner.invoke(app, ["train", "--export", str(run), "-o", str(tmp_path / "m")])
