@@ -693,39 +693,38 @@ def train(
     try:
         if out is None:
             fail("--out RUN_DIR is required")
+        given = dict(
+            data=data,
+            out=str(out),
+            stage=stage,
+            init=init,
+            backbone=backbone,
+            base=base,
+            steps=steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr=lr,
+            crop=crop,
+            seed=seed,
+            mixed_precision=mixed_precision,
+            threads=threads,
+            gradient_checkpointing=gradient_checkpointing,
+            max_minutes=max_minutes,
+            max_cpu_minutes=max_cpu_minutes,
+        )
         if resume and config is None and (out / "train_config.json").exists():
+            # The saved recipe with what this command changes: a new session brings a new budget, other cores or a
+            # new rate. What the checkpoint's weights were built from cannot change under it.
             saved = json.loads((out / "train_config.json").read_text())
-            cfg = trainer.TrainConfig.load(None, **saved)
+            fixed = ("stage", "init", "backbone", "base")
+            clash = [f"--{k}" for k in fixed if given[k] is not None and given[k] != saved.get(k)]
+            if clash:
+                fail(f"{', '.join(clash)} cannot change on --resume (the checkpoints hold that model); use a new --out")
+            cfg = trainer.TrainConfig.load(None, **{**saved, **{k: v for k, v in given.items() if v is not None}})
         else:
             if data is None and not resume:
                 fail("--data is required (a folder of HQ images, a .txt list or a Hub dataset id)")
-            cfg = trainer.TrainConfig.load(
-                str(config) if config else None,
-                data=data,
-                out=str(out),
-                stage=stage,
-                init=init,
-                backbone=backbone,
-                base=base,
-                steps=steps,
-                batch_size=batch_size,
-                grad_accum=grad_accum,
-                lr=lr,
-                crop=crop,
-                seed=seed,
-                mixed_precision=mixed_precision,
-                threads=threads,
-                gradient_checkpointing=gradient_checkpointing,
-            )
-        # Also on --resume: a new session brings a new budget and may have other cores; none changes the maths.
-        for k, v in (
-            ("steps", steps),
-            ("max_minutes", max_minutes),
-            ("max_cpu_minutes", max_cpu_minutes),
-            ("threads", threads),
-        ):
-            if v is not None:
-                setattr(cfg, k, v)
+            cfg = trainer.TrainConfig.load(str(config) if config else None, **given)
         list_images(cfg.data)  # a bad --data fails here, before any progress bar
     except TeasrError as e:
         fail(str(e))

@@ -662,10 +662,14 @@ def test_cli_train_resume_export_then_upscale(photos, tmp_path, keep_signal_hand
     r = runner.invoke(app, base + first)
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run).name == "ckpt-0000003"
-    r = runner.invoke(app, base + ["--resume", "--steps", "5", "--threads", "1"])  # the saved config, 2 more steps
+    r = runner.invoke(app, base + ["--resume", "--stage", "sad"])
+    assert r.exit_code != 0 and "--stage cannot change on --resume" in r.output and "Traceback" not in r.output
+    # the saved config with what the command changes: 2 more steps, other cores, a new rate
+    r = runner.invoke(app, base + ["--resume", "--steps", "5", "--threads", "1", "--lr", "5e-4"])
     assert r.exit_code == 0, r.output
     assert latest_checkpoint(run).name == "ckpt-0000005"
-    assert json.loads((run / "train_config.json").read_text())["threads"] == 1  # a resume takes the new cores
+    saved = json.loads((run / "train_config.json").read_text())
+    assert (saved["threads"], saved["lr"], saved["crop"]) == (1, 5e-4, 32)
     steps = [json.loads(ln).get("step") for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s] == [1, 2, 3, 3, 4, 5, 5]  # logs, exports (3 and 5), no step repeated
     r = runner.invoke(app, ["train", "--export", str(run), "-o", str(tmp_path / "m")])
