@@ -60,6 +60,36 @@ def test_rule_holds_at_its_bounds():
     assert ships(scores(lpips=(0.38, 0.298, 0.180), psnr=27.6, four=0.483), grid=1.01, mb=20.0, speed=3.0) == []
 
 
+def with_steps(c, niqe=(6.3, 6.1, 6.0), lpips=(0.299, 0.33, 0.348), clean=0.15):
+    """`scores` with what issue 18's bars read: NIQE and LPIPS at 1, 2 and 4 steps, and clean LR."""
+    r = c["realesrgan"]
+    for n, q, lp in zip((1, 2, 4), niqe, lpips):
+        r.setdefault(f"teasr {n} step" + "s" * (n > 1), {}).update(niqe=q, lpips=lp)
+    c["bicubic"]["teasr 1 step"]["lpips"] = clean
+    return c
+
+
+DEFAULT = {
+    "realesrgan": {"bicubic": {"lpips": 0.6}, "realesrgan": {"lpips": 0.2}},
+    "bicubic": {"bicubic": {"lpips": 0.2}},
+}
+
+
+@pytest.mark.parametrize(
+    "cand, failed",
+    [
+        (with_steps(scores()), ["stretch"]),  # 75.3% of the gain; 2 and 4 steps within 0.05 and more natural
+        (with_steps(scores(), lpips=(0.301, 0.33, 0.33)), ["3/4", "stretch"]),  # 74.8%
+        (with_steps(scores(), niqe=(6.3, 6.3, 6.0)), ["2", "stretch"]),  # 2 steps only level: not more natural
+        (with_steps(scores(), lpips=(0.299, 0.350, 0.33)), ["2", "stretch"]),  # 2 steps 0.051 above
+        (with_steps(scores(), clean=0.2), ["clean", "stretch"]),
+        (with_steps(scores(), lpips=(0.19, 0.2, 0.2)), []),
+    ],
+)
+def test_issue_bars_fail_exactly_the_bar_not_met(cand, failed):
+    assert [bar.split()[0].rstrip(":") for bar, (ok, _) in campaign.bars(cand, DEFAULT).items() if not ok] == failed
+
+
 def realesrgan(lpips=0.33, vgg=0.47, dists=0.25, niqe=(6.5, 6.0, 5.9)):
     """{method: means} on realesrgan LR: 1, 2 and 4 steps (a control has its 1 step only)."""
     out = {"teasr 1 step": {"lpips": lpips, "lpips-vgg": vgg, "dists": dists, "niqe": niqe[0]}}

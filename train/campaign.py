@@ -90,6 +90,26 @@ def rule(c: dict, d: dict, token_grid: float, mb: float, speed: float | None) ->
     }
 
 
+def bars(c: dict, d: dict) -> dict:
+    """Issue 18's bars that one model's scores show (RULE.md addendum 5: reported, not a ship line) {bar: (pass,
+    numbers)}: candidate `c` as in `rule`, bicubic and Real-ESRGAN from the default's evaluation `d`."""
+    r, base = c["realesrgan"], d["realesrgan"]
+    bic, esr, one = base["bicubic"]["lpips"], base["realesrgan"]["lpips"], r["teasr 1 step"]
+    gain = (bic - one["lpips"]) / (bic - esr)
+    steps = {n: r[f"teasr {n} steps"] for n in (2, 4)}
+    clean = c["bicubic"]["teasr 1 step"]["lpips"], d["bicubic"]["bicubic"]["lpips"]
+    return {
+        "3/4 of Real-ESRGAN's LPIPS gain over bicubic": (gain >= 0.75, f"{gain:.1%}"),
+        "2 and 4 steps: NIQE below 1 step's, LPIPS within 0.05": (
+            all(s["niqe"] < one["niqe"] and s["lpips"] <= one["lpips"] + 0.05 for s in steps.values()),
+            f"NIQE {one['niqe']:.2f} / {steps[2]['niqe']:.2f} / {steps[4]['niqe']:.2f}, LPIPS {one['lpips']:.4f}"
+            f" / {steps[2]['lpips']:.4f} / {steps[4]['lpips']:.4f} at 1 / 2 / 4 steps",
+        ),
+        "clean LR: LPIPS below bicubic's": (clean[0] < clean[1], f"{clean[0]:.4f} vs {clean[1]:.4f}"),
+        "stretch: LPIPS below Real-ESRGAN's": (one["lpips"] < esr, f"{one['lpips']:.4f} vs {esr:.4f}"),
+    }
+
+
 def level(c: dict, h: dict) -> dict:
     """Addendum 2's lines {line: (pass, numbers)}: teasr-hybrid `h` against the conv control `c`, each as
     {method: means} on realesrgan LR."""
@@ -125,13 +145,15 @@ def judge(name: str) -> dict:
         bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
         timed = [m for m, n in bench.get("networks", {}).items() if n == net]
         speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
-        scores = ({k: means(n, k) for k in KINDS} for n in (name, "default"))
+        scores = [{k: means(n, k) for k in KINDS} for n in (name, "default")]
         lines = rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed)
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
     if control:  # addenda 2-4: the bar is judged at the default's CPU-minutes; earlier exports are curve points
         verdict["verdict"] = "interim" if int(name.split("-m")[1]) < CONTROL_MINUTES else "final"
     verdict["holds" if control else "ships"] = all(ok for ok, _ in lines.values())
     verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
+    if not control:
+        verdict["issue_bars"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in bars(*scores).items()}
     (LOGS / f"judge-{name}.json").write_text(json.dumps(verdict, indent=1) + "\n")
     return verdict
 
@@ -242,6 +264,8 @@ def main() -> None:
         v = judge(a.name)
         for line, r in v["lines"].items():
             print(f"{'pass' if r['pass'] else 'FAIL'}  {line}: {r['numbers']}")
+        for bar, r in v.get("issue_bars", {}).items():
+            print(f"{'met' if r['pass'] else 'not met'}  (issue bar, not a line) {bar}: {r['numbers']}")
         if "holds" in v:
             print(f"teasr-hybrid against {v['model']} ({v['verdict']}): {'level' if v['holds'] else 'not level'}")
         else:
