@@ -136,7 +136,7 @@ def judge(name: str) -> dict:
         raise SystemExit(f"{folder}: not the weights evaluated as {name}; run `campaign.py eval` again")
     control = name.startswith("control-")
     if control:
-        lines = level(means(name, "realesrgan"), means("default", "realesrgan"))
+        found = {"lines": level(means(name, "realesrgan"), means("default", "realesrgan"))}
     else:
         if "16/4" not in seam["grid_ratio"]["model"]:
             raise SystemExit(f"{name} was evaluated before RULE.md's addendum 1; run `campaign.py eval` again")
@@ -146,14 +146,12 @@ def judge(name: str) -> dict:
         timed = [m for m, n in bench.get("networks", {}).items() if n == net]
         speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
         scores = [{k: means(n, k) for k in KINDS} for n in (name, "default")]
-        lines = rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed)
+        found = {"lines": rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed), "issue_bars": bars(*scores)}
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
     if control:  # addenda 2-4: the bar is judged at the default's CPU-minutes; earlier exports are curve points
         verdict["verdict"] = "interim" if int(name.split("-m")[1]) < CONTROL_MINUTES else "final"
-    verdict["holds" if control else "ships"] = all(ok for ok, _ in lines.values())
-    verdict["lines"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in lines.items()}
-    if not control:
-        verdict["issue_bars"] = {k: {"pass": ok, "numbers": v} for k, (ok, v) in bars(*scores).items()}
+    verdict["holds" if control else "ships"] = all(ok for ok, _ in found["lines"].values())
+    verdict |= {part: {k: {"pass": ok, "numbers": v} for k, (ok, v) in got.items()} for part, got in found.items()}
     (LOGS / f"judge-{name}.json").write_text(json.dumps(verdict, indent=1) + "\n")
     return verdict
 
