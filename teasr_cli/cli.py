@@ -809,7 +809,8 @@ def eval_(
         "bicubic,lanczos",
         "--baseline",
         help="Baseline rows, comma-separated: bicubic, "
-        "lanczos, realesrgan (Real-ESRGAN x4plus, optional package) or none.",
+        "lanczos, realesrgan (Real-ESRGAN x4plus, optional package), hr (the ground truth itself: "
+        "its NIQE is the photos' own) or none.",
     ),
     metrics: str | None = typer.Option(
         None,

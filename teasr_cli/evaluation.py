@@ -37,7 +37,7 @@ from .imageio import Picture, atomic_path, write_image, write_text_atomic
 from .metrics import METRICS, MetricError, fid_from_features
 from .metrics.frechet import load_fid_inception
 
-BASELINES = ("bicubic", "lanczos", "realesrgan")
+BASELINES = ("bicubic", "lanczos", "realesrgan", "hr")
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
 SET_METRICS = ("fid",)  # computed over the whole set, not per image
 # FID compares 2048-d feature covariances: from a few images it is dominated by estimation bias, not quality,
@@ -55,14 +55,15 @@ class EvalError(TeasrError):
 
 @dataclass
 class Method:
-    """An SR method: `fn(lq (1, 3, h, w)) -> sr (1, 3, 4h, 4w)`, both RGB in [0, 1].
+    """An SR method: `fn(lq (1, 3, h, w)) -> sr (1, 3, 4h, 4w)`, both RGB in [0, 1]; `fn=None` is the HR image
+    itself (the `hr` row).
 
     `config` is whatever makes its output what it is (model, steps, seed, ...): results are reused
     on resume only while it stays the same. `steps` places a sampling method on the plot's x axis;
     methods without steps (baselines) are drawn as horizontal lines."""
 
     name: str
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    fn: Callable[[torch.Tensor], torch.Tensor] | None
     steps: int | None = None
     config: dict = field(default_factory=dict)
 
@@ -99,8 +100,12 @@ def realesrgan_x4plus() -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def baseline(name: str, scale: int = 4) -> Method:
-    """The baselines every SR table needs: bicubic (a = -0.5, as MATLAB imresize), Lanczos-3, and optionally
-    Real-ESRGAN x4plus (the usual GAN reference, if its package is installed)."""
+    """The baselines every SR table needs: bicubic (a = -0.5, as MATLAB imresize), Lanczos-3, optionally
+    Real-ESRGAN x4plus (the usual GAN reference, if its package is installed), and `hr`, the ground truth
+    itself: its no-reference scores (NIQE) say where the photos themselves sit, which a method can overshoot
+    (its full-reference scores are trivially ideal: PSNR inf, LPIPS 0)."""
+    if name == "hr":
+        return Method(name, None, None, {"baseline": name})
     if name == "realesrgan":
         if scale != 4:
             raise EvalError("the realesrgan baseline is x4 only")
@@ -393,7 +398,7 @@ def evaluate(
 
 
 def _run(m: Method, lq: torch.Tensor, hq: torch.Tensor, image: str) -> torch.Tensor:
-    sr = m.fn(lq)
+    sr = hq if m.fn is None else m.fn(lq)
     if not isinstance(sr, torch.Tensor) or sr.shape != hq.shape:
         got = tuple(sr.shape) if isinstance(sr, torch.Tensor) else type(sr).__name__
         raise EvalError(f"method '{m.name}' returned {got} for image '{image}', expected {tuple(hq.shape)}")

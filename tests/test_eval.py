@@ -303,6 +303,19 @@ def test_identical_images_give_inf_psnr_ssim_one_lpips_zero(tmp_path):
     assert (tmp_path / "metrics_vs_steps.png").stat().st_size > 1000
 
 
+def test_hr_row_scores_the_ground_truth_itself(tmp_path):
+    from teasr_cli.metrics.nss import niqe
+
+    pairs = [MemPair(n, (56, 56)) for n in ("astronaut", "coffee")]  # HQ 224x224: NIQE needs 96x192
+    res = ev.evaluate(pairs, [ev.baseline("hr"), ev.baseline("bicubic")], ["psnr", "lpips", "niqe"], tmp_path)
+    hr = res.means["hr"]
+    assert hr["psnr"] == float("inf") and hr["lpips"] == pytest.approx(0.0, abs=1e-6)
+    # its NIQE is the photos' own, the reference a method's no-reference score can be read against
+    assert hr["niqe"] == pytest.approx(float(niqe(torch.cat([p.hq for p in pairs])).mean()), rel=1e-12)
+    assert abs(res.means["bicubic"]["niqe"] - hr["niqe"]) > 0.1
+    assert res.steps["hr"] is None and ev.parse_list("bicubic,hr", ev.BASELINES, "baseline") == ["bicubic", "hr"]
+
+
 @pytest.mark.parametrize("crop", [0, 4])
 def test_psnr_matches_an_independent_computation(tmp_path, crop):
     pair = MemPair("chelsea", (48, 40))

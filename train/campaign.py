@@ -41,14 +41,15 @@ def means(name: str, kind: str) -> dict:
 
 def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
     """RULE.md's evaluations: 1, 2 and 4 steps on realesrgan LR (+ NIQE), 1 step on mild and bicubic LR; the
-    shipped model's runs also score bicubic (and Real-ESRGAN on realesrgan LR). Then the token-grid check.
+    shipped model's runs also score bicubic (and Real-ESRGAN and the HR photos' own NIQE on realesrgan LR). Then
+    the token-grid check.
     The conv control (`control-m<N>`, addendum 2) is a regression model: 1 step only."""
     sys.path.insert(0, str(ROOT / "train"))
     from seam_check import seam_check
 
     for kind in KINDS:
         first = kind == "realesrgan"
-        base = ("bicubic,realesrgan" if first else "bicubic") if name == "default" else "none"
+        base = ("bicubic,realesrgan,hr" if first else "bicubic") if name == "default" else "none"
         metrics = "psnr,lpips,lpips-vgg,dists" + ",niqe" * first
         out = ROOT / "eval_results" / f"{name}-{kind}"
         steps = "1,2,4" if first and not name.startswith("control-") else "1"
@@ -103,7 +104,8 @@ def bars(c: dict, d: dict) -> dict:
         "2 and 4 steps: NIQE below 1 step's, LPIPS within 0.05": (
             all(s["niqe"] < one["niqe"] and s["lpips"] <= one["lpips"] + 0.05 for s in steps.values()),
             f"NIQE {one['niqe']:.2f} / {steps[2]['niqe']:.2f} / {steps[4]['niqe']:.2f}, LPIPS {one['lpips']:.4f}"
-            f" / {steps[2]['lpips']:.4f} / {steps[4]['lpips']:.4f} at 1 / 2 / 4 steps",
+            f" / {steps[2]['lpips']:.4f} / {steps[4]['lpips']:.4f} at 1 / 2 / 4 steps"
+            f"; the HR photos' own NIQE {base['hr']['niqe']:.2f} (addendum 6)",
         ),
         "clean LR: LPIPS below bicubic's": (clean[0] < clean[1], f"{clean[0]:.4f} vs {clean[1]:.4f}"),
         "stretch: LPIPS below Real-ESRGAN's": (one["lpips"] < esr, f"{one['lpips']:.4f} vs {esr:.4f}"),
