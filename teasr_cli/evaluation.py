@@ -38,6 +38,7 @@ from .metrics import METRICS, MetricError, fid_from_features
 from .metrics.frechet import load_fid_inception
 
 BASELINES = ("bicubic", "lanczos", "realesrgan", "hr")
+REFERENCE = "hr"  # the ground truth as a row: a reference for no-reference metrics, never a "best" method
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
 SET_METRICS = ("fid",)  # computed over the whole set, not per image
 # FID compares 2048-d feature covariances: from a few images it is dominated by estimation bias, not quality,
@@ -104,7 +105,7 @@ def baseline(name: str, scale: int = 4) -> Method:
     Real-ESRGAN x4plus (the usual GAN reference, if its package is installed), and `hr`, the ground truth
     itself: its no-reference scores (NIQE) say where the photos themselves sit, which a method can overshoot
     (its full-reference scores are trivially ideal: PSNR inf, LPIPS 0)."""
-    if name == "hr":
+    if name == REFERENCE:
         return Method(name, None, None, {"baseline": name})
     if name == "realesrgan":
         if scale != 4:
@@ -176,8 +177,12 @@ class EvalResults:
     computed: int = 0  # (method, image) pairs computed in this run (rest resumed)
 
     def best(self, metric: str) -> str | None:
-        """The method with the best mean for `metric` (None if no method has one)."""
-        vals = [(m, v) for m in self.methods if (v := self.means[m].get(metric)) is not None and not math.isnan(v)]
+        """The method with the best mean for `metric` (None if no method has one); the `hr` row is no method."""
+        vals = [
+            (m, v)
+            for m in self.methods
+            if m != REFERENCE and (v := self.means[m].get(metric)) is not None and not math.isnan(v)
+        ]
         if not vals:
             return None
         pick = max if self.higher_is_better[metric] else min
@@ -493,7 +498,8 @@ def plot(res: EvalResults, path) -> Path:
             pts.sort()
             ax.plot(*zip(*pts), "o-", color="C0", label="teasr", zorder=3)
         for c, m in enumerate(m for m in res.methods if res.steps[m] is None):
-            if _finite(v := res.means[m].get(k)):
+            trivial = m == REFERENCE and not (k in METRICS and not METRICS[k].needs_reference)  # PSNR inf, FID 0
+            if _finite(v := res.means[m].get(k)) and not trivial:
                 ax.axhline(v, ls="--", color=f"C{c + 1}", label=m)
         if xs:
             ax.set_xscale("log", base=2)

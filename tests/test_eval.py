@@ -313,6 +313,7 @@ def test_hr_row_scores_the_ground_truth_itself(tmp_path):
     # its NIQE is the photos' own, the reference a method's no-reference score can be read against
     assert hr["niqe"] == pytest.approx(float(niqe(torch.cat([p.hq for p in pairs])).mean()), rel=1e-12)
     assert abs(res.means["bicubic"]["niqe"] - hr["niqe"]) > 0.1
+    assert res.best("psnr") == res.best("lpips") == "bicubic"  # the reference is no competitor
     assert res.steps["hr"] is None and ev.parse_list("bicubic,hr", ev.BASELINES, "baseline") == ["bicubic", "hr"]
 
 
