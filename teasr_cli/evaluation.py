@@ -37,8 +37,8 @@ from .imageio import Picture, atomic_path, write_image, write_text_atomic
 from .metrics import METRICS, MetricError, fid_from_features
 from .metrics.frechet import load_fid_inception
 
-BASELINES = ("bicubic", "lanczos", "realesrgan", "hr")
 REFERENCE = "hr"  # the ground truth as a row: a reference for no-reference metrics, never a "best" method
+BASELINES = ("bicubic", "lanczos", "realesrgan", REFERENCE)
 DEFAULT_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "fid")
 SET_METRICS = ("fid",)  # computed over the whole set, not per image
 # FID compares 2048-d feature covariances: from a few images it is dominated by estimation bias, not quality,
@@ -497,9 +497,9 @@ def plot(res: EvalResults, path) -> Path:
         if pts:
             pts.sort()
             ax.plot(*zip(*pts), "o-", color="C0", label="teasr", zorder=3)
+        no_reference = k in METRICS and not METRICS[k].needs_reference  # NIQE; against itself PSNR is inf, FID 0
         for c, m in enumerate(m for m in res.methods if res.steps[m] is None):
-            trivial = m == REFERENCE and not (k in METRICS and not METRICS[k].needs_reference)  # PSNR inf, FID 0
-            if _finite(v := res.means[m].get(k)) and not trivial:
+            if _finite(v := res.means[m].get(k)) and (m != REFERENCE or no_reference):
                 ax.axhline(v, ls="--", color=f"C{c + 1}", label=m)
         if xs:
             ax.set_xscale("log", base=2)
