@@ -115,6 +115,32 @@ def test_level_with_the_control_fails_exactly_the_bar_that_does_not_hold(control
     assert [name.split()[0] for name, (ok, _) in lines.items() if not ok] == failed
 
 
+def sampler(lpips=(0.30, 0.27, 0.17), vgg=0.46, dists=0.24, psnr=(28.9, 29.5, 31.0), four=(0.33, 6.3), two=(0.32, 6.6)):
+    """{kind: {method: means}} with what addendum 7 reads: 1 step on each LR, 2 and 4 steps on realesrgan LR."""
+    out = {k: {"teasr 1 step": {"lpips": lp, "psnr": q}} for k, lp, q in zip(campaign.KINDS, lpips, psnr)}
+    out["realesrgan"]["teasr 1 step"].update({"lpips-vgg": vgg, "dists": dists})
+    out["realesrgan"] |= {f"teasr {n} steps": {"lpips": lp, "niqe": q} for n, (lp, q) in ((2, two), (4, four))}
+    return out
+
+
+@pytest.mark.parametrize(
+    "cand, failed",
+    [
+        (sampler(), []),  # the same everywhere: loses nowhere
+        (sampler(lpips=(0.299, 0.271, 0.169)), ["1"]),  # better on two LR kinds, worse on mild
+        (sampler(vgg=0.4601), ["2"]),
+        (sampler(dists=0.2401), ["2"]),
+        (sampler(psnr=(28.85, 29.5, 31.0)), []),  # 0.05 dB lower: the bound
+        (sampler(psnr=(28.9, 29.5, 30.94)), ["3"]),
+        (sampler(two=(0.3201, 6.5)), ["4"]),
+        (sampler(four=(0.32, 6.31)), ["4"]),
+    ],
+)
+def test_sampler_rule_fails_exactly_the_line_that_does_not_hold(cand, failed):
+    lines = campaign.sampler_rule(cand, sampler())
+    assert [name.split()[0] for name, (ok, _) in lines.items() if not ok] == failed
+
+
 def test_judge_of_the_control_writes_the_bar_and_marks_early_exports_interim(tmp_path, monkeypatch):
     folder = tmp_path / "control"
     folder.mkdir()

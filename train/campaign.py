@@ -6,8 +6,11 @@ fold a finished run into the one resumable folder, and plot the learning curve.
     python train/campaign.py judge m410       # RULE.md against eval-default-*, line by line -> judge-m410.json
     python train/campaign.py fold runs/campaign-sad2     # its fp16 export replaces checkpoints/campaign in place
     python train/campaign.py curve            # eval-m<minutes>-realesrgan.json -> campaign.json, campaign.png
+    python train/campaign.py eval teasr_cli/weights --name sampler-nocf --color-fix none  # a sampler default
+    python train/campaign.py judge sampler-nocf   # addendum 7 against eval-default-*
 
-`eval` names are `m<CPU minutes since the study began>` (the curve's x axis) or `default`.
+`eval` names are `m<CPU minutes since the study began>` (the curve's x axis), `default`, `control-m<N>` (the conv
+control, addendum 2) or `sampler-<what>` (the default weights with another sampler setting, addendum 7).
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ def means(name: str, kind: str) -> dict:
     return {m["name"]: m["means"] for m in res["methods"]}
 
 
-def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
+def evaluate(model: str, name: str, hq: str = "data/photos/val_hr", color_fix: str = "wavelet") -> None:
     """RULE.md's evaluations: 1, 2 and 4 steps on realesrgan LR (+ NIQE), 1 step on mild and bicubic LR; the
     shipped model's runs also score bicubic (and Real-ESRGAN and the HR photos' own NIQE on realesrgan LR). Then
     the token-grid check.
-    The conv control (`control-m<N>`, addendum 2) is a regression model: 1 step only."""
+    The conv control (`control-m<N>`, addendum 2) is a regression model: 1 step only. `color_fix` is the
+    sampler's (addendum 7); the token-grid check runs the default sampler, whose grid it measures."""
     sys.path.insert(0, str(ROOT / "train"))
     from seam_check import seam_check
 
@@ -54,7 +58,7 @@ def evaluate(model: str, name: str, hq: str = "data/photos/val_hr") -> None:
         out = ROOT / "eval_results" / f"{name}-{kind}"
         steps = "1,2,4" if first and not name.startswith("control-") else "1"
         teasr("eval", "--model", model, "--hq", hq, "--degrade", kind, "--steps", steps,
-              "--metrics", metrics, "--baseline", base, "--out", str(out))  # fmt: skip
+              "--metrics", metrics, "--baseline", base, "--color-fix", color_fix, "--out", str(out))  # fmt: skip
         shutil.copy(out / "results.json", LOGS / f"eval-{name}-{kind}.json")
     side, ratios = seam_check(model)
     side.save(ROOT / "eval_results" / f"{name}-seam.png")
@@ -129,9 +133,39 @@ def level(c: dict, h: dict) -> dict:
     }
 
 
+def sampler_rule(c: dict, d: dict) -> dict:
+    """Addendum 7's lines {line: (pass, numbers)}: the default weights with another sampler setting `c` against
+    the default sampler `d`, each as in `rule`."""
+    one = {k: (c[k]["teasr 1 step"], d[k]["teasr 1 step"]) for k in KINDS}
+    rc, rd = one["realesrgan"]
+    steps = {n: (c["realesrgan"][f"teasr {n} steps"], d["realesrgan"][f"teasr {n} steps"]) for n in (2, 4)}
+    return {
+        "1 LPIPS no worse on each LR": (
+            all(a["lpips"] <= b["lpips"] for a, b in one.values()),
+            {k: f"{a['lpips']:.4f} vs {b['lpips']:.4f}" for k, (a, b) in one.items()},
+        ),
+        "2 LPIPS-vgg and DISTS no worse": (
+            rc["lpips-vgg"] <= rd["lpips-vgg"] and rc["dists"] <= rd["dists"],
+            f"{rc['lpips-vgg']:.4f} vs {rd['lpips-vgg']:.4f}, {rc['dists']:.4f} vs {rd['dists']:.4f}",
+        ),
+        "3 PSNR-Y at most 0.05 dB lower on each LR": (
+            all(a["psnr"] >= b["psnr"] - 0.05 for a, b in one.values()),
+            {k: f"{a['psnr']:.3f} vs {b['psnr']:.3f}" for k, (a, b) in one.items()},
+        ),
+        "4 2 and 4 steps: LPIPS and NIQE no worse": (
+            all(a[k] <= b[k] for a, b in steps.values() for k in ("lpips", "niqe")),
+            {
+                f"{n} steps": f"{a['lpips']:.4f} vs {b['lpips']:.4f}, NIQE {a['niqe']:.3f} vs {b['niqe']:.3f}"
+                for n, (a, b) in steps.items()
+            },
+        ),
+    }
+
+
 def judge(name: str) -> dict:
     """Every line of RULE.md for the model evaluated as `name`, against `default` scored the same way; for the
-    conv control (`control-m<N>`), addendum 2's bar that the default must hold against it."""
+    conv control (`control-m<N>`), addendum 2's bar that the default must hold against it; for a sampler setting
+    (`sampler-<what>`), addendum 7's lines."""
     seam = json.loads((LOGS / f"seam-{name}.json").read_text())
     folder = Path(json.loads((LOGS / f"eval-{name}-realesrgan.json").read_text())["config"]["model_folder"])
     if seam.get("sha256") != weights_sha(folder):  # the folder was replaced (a fold) since `eval`
@@ -139,6 +173,9 @@ def judge(name: str) -> dict:
     control = name.startswith("control-")
     if control:
         found = {"lines": level(means(name, "realesrgan"), means("default", "realesrgan"))}
+    elif name.startswith("sampler-"):  # addendum 7; its line 5 is a look at the crops, not a number
+        scores = [{k: means(n, k) for k in KINDS} for n in (name, "default")]
+        found = {"lines": sampler_rule(*scores), "issue_bars": bars(*scores)}
     else:
         if "16/4" not in seam["grid_ratio"]["model"]:
             raise SystemExit(f"{name} was evaluated before RULE.md's addendum 1; run `campaign.py eval` again")
@@ -253,13 +290,14 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="RULE.md's evaluations of a model folder")
     e.add_argument("model")
-    e.add_argument("--name", required=True, help="m<CPU minutes> or default")
+    e.add_argument("--name", required=True, help="m<CPU minutes>, default, control-m<N> or sampler-<what>")
+    e.add_argument("--color-fix", default="wavelet", help="the sampler's colour fix (addendum 7)")
     sub.add_parser("judge", help="RULE.md line by line").add_argument("name")
     sub.add_parser("fold", help="a finished run replaces the campaign folder").add_argument("run", type=Path)
     sub.add_parser("curve", help="campaign.png and campaign.json")
     a = p.parse_args()
     if a.cmd == "eval":
-        evaluate(a.model, a.name)
+        evaluate(a.model, a.name, color_fix=a.color_fix)
     elif a.cmd == "judge":
         v = judge(a.name)
         for line, r in v["lines"].items():
@@ -268,6 +306,8 @@ def main() -> None:
             print(f"{'met' if r['pass'] else 'not met'}  (issue bar, not a line) {bar}: {r['numbers']}")
         if "holds" in v:
             print(f"teasr-hybrid against {v['model']} ({v['verdict']}): {'level' if v['holds'] else 'not level'}")
+        elif a.name.startswith("sampler-"):
+            print(f"{a.name}: " + ("lines 1-4 hold; line 5 is a look at the crops" if v["ships"] else "stays off"))
         else:
             print(f"{v['model']}: {'ships' if v['ships'] else 'does not ship; the campaign goes on'}")
     elif a.cmd == "fold":
