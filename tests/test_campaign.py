@@ -157,6 +157,30 @@ def test_judge_of_the_control_writes_the_bar_and_marks_early_exports_interim(tmp
     assert json.loads((tmp_path / "judge-control-m48.json").read_text()) == v
 
 
+def test_curve_plots_campaign_and_control_exports_only(tmp_path, monkeypatch):
+    logs = tmp_path / "campaign"
+    (tmp_path / "study").mkdir(parents=True)
+    logs.mkdir()
+    one = {k: 0.3 for k in campaign.KEYS}
+    study = {name: {"30": one} for name in ("hybrid-m", "conv")}
+    (tmp_path / "study" / "study.json").write_text(json.dumps({"table": {"realesrgan": study}}))
+    evals = {  # every kind of eval name RULE.md's addenda give; only m<N> and control-m<N> are curve points
+        "m410": 0.33,
+        "m1833": 0.31,
+        "control-m48": 0.35,
+        "default": 0.31,
+        "teasr-tiny": 0.38,
+        "sampler-nocf": 0.30,
+    }
+    for name, lpips in evals.items():
+        methods = {"teasr 1 step": {**one, "lpips": lpips}, "bicubic": one, "realesrgan": one}
+        res = {"methods": [{"name": k, "means": v} for k, v in methods.items()]}
+        (logs / f"eval-{name}-realesrgan.json").write_text(json.dumps(res))
+    monkeypatch.setattr(campaign, "LOGS", logs)
+    assert campaign.curve() == {"hybrid-m": {30: 0.3, 410: 0.33, 1833: 0.31}, "conv control": {48: 0.35}}
+    assert (logs / "campaign.png").stat().st_size > 0
+
+
 def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

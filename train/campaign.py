@@ -257,9 +257,10 @@ def curve() -> dict:
 
     study = json.loads((LOGS.parent / "study" / "study.json").read_text())["table"]["realesrgan"]
     points, control = {30: study["hybrid-m"]["30"]}, {}
-    for p in LOGS.glob("eval-*m*-realesrgan.json"):
-        name = re.match(r"eval-((control-)?m(\d+))-", p.name)
-        (control if name.group(2) else points)[int(name.group(3))] = means(name.group(1), "realesrgan")["teasr 1 step"]
+    for p in LOGS.glob("eval-*-realesrgan.json"):
+        if name := re.fullmatch(r"eval-((control-)?m(\d+))-realesrgan\.json", p.name):  # not default, sampler-*
+            points_of = control if name.group(2) else points
+            points_of[int(name.group(3))] = means(name.group(1), "realesrgan")["teasr 1 step"]
     base, tiny = means("default", "realesrgan"), means("teasr-tiny", "realesrgan")  # tiny: the default until m656
     lines = {"bicubic": base["bicubic"], "Real-ESRGAN x4plus": base["realesrgan"], "teasr-tiny": tiny["teasr 1 step"]}
     bar = lines["bicubic"]["lpips"] - 0.75 * (lines["bicubic"]["lpips"] - lines["Real-ESRGAN x4plus"]["lpips"])
