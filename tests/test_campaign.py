@@ -195,21 +195,29 @@ def test_fold_swaps_in_the_export_and_joins_the_logs(tmp_path):
                                init=init, steps=2 + i, batch_size=1, **fast)  # fmt: skip
         train(cfg)
         runs.append(tmp_path / f"run{i}")
+        with open(runs[-1] / "metrics.jsonl", "a") as f:  # as if each had run for minutes: 2, then 3
+            f.write(json.dumps({"step": 2 + i, "cpu_s": 120.0 + 60 * i}) + "\n")
     folder = tmp_path / "campaign"
     folder.mkdir()
     (folder / "metrics.jsonl").write_text((runs[0] / "metrics.jsonl").read_text())
     (folder / "stale.txt").write_text("from the last fold")
+    control = folder / "control"
 
-    campaign.fold(runs[1], folder)
+    assert campaign.fold(runs[0], control) == 2  # a chain's first fold: no folder, no earlier log
+    assert campaign.fold(runs[1], folder) == 2 + 3  # the minutes the weights carry, over the whole chain
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["campaign", "photos", "run0", "run1"]  # no .new/.old left
     assert {p.name for p in folder.iterdir()} == {
         "README.md",
         "config.json",
+        "control",  # carried over, not dropped with the old folder
         "model.safetensors",
         "metrics.jsonl",
         "train_config.json",
     }
+    assert (control / "metrics.jsonl").read_text() == (runs[0] / "metrics.jsonl").read_text()
+    assert campaign.weights_sha(control) != campaign.weights_sha(folder)  # files only: the subfolder is not hashed
+    load_pretrained(control)
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert lines == "".join((r / "metrics.jsonl").read_text() for r in runs).splitlines()
     assert json.loads((folder / "train_config.json").read_text())["stage"] == "sad"

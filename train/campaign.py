@@ -5,6 +5,7 @@ fold a finished run into the one resumable folder, and plot the learning curve.
     python train/campaign.py eval runs/campaign-sad2/model --name m410  # logs/campaign/eval-m410-<kind>, seam-m410
     python train/campaign.py judge m410       # RULE.md against eval-default-*, line by line -> judge-m410.json
     python train/campaign.py fold runs/campaign-sad2     # its fp16 export replaces checkpoints/campaign in place
+    python train/campaign.py fold runs/control-s14 --control   # the conv control's: checkpoints/campaign/control
     python train/campaign.py curve            # eval-m<minutes>-realesrgan.json -> campaign.json, campaign.png
     python train/campaign.py eval teasr_cli/weights --name sampler-nocf --color-fix none  # a sampler default
     python train/campaign.py judge sampler-nocf   # addendum 7 against eval-default-*
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "train/logs/campaign"
 FOLDER = ROOT / "train/checkpoints/campaign"
+CONTROL = FOLDER / "control"  # the conv control's fp16 EMA and log, carried from session to session (addendum 9)
 SPEED = ROOT / "benchmarks/upscale_vs_realesrgan_campaign.json"
 KINDS = ("realesrgan", "mild", "bicubic")
 KEYS = ("lpips", "lpips-vgg", "dists", "psnr")
@@ -221,7 +223,7 @@ def card_section(joined: str) -> str:
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join([
         "## The campaign so far (issue 18)\n",
-        f"The hybrid-m form in a chain of `teasr train` runs, {total} CPU-minutes on 2 cores in all. `metrics.jsonl`",
+        f"One model in a chain of `teasr train` runs, {total} CPU-minutes on 2 cores in all. `metrics.jsonl`",
         "holds every run's log in order; `train/README.md` has the commands, `train/logs/campaign/` the evaluations",
         "and the verdicts of `RULE.md`. \"from\" is the weights a run started from: the folder, or a branch.\n",
         "| run | stage | steps | CPU min | cumulative | photos | from |",
@@ -231,20 +233,26 @@ def card_section(joined: str) -> str:
     ])  # fmt: skip
 
 
-def fold(run: Path, folder: Path = FOLDER) -> None:
-    """Replace the campaign folder in place: the run's fp16 EMA export, its train_config.json, the joined
-    metrics.jsonl, and a model card whose campaign section is the chain of runs read from those metrics."""
+def fold(run: Path, folder: Path = FOLDER) -> int:
+    """Replace the campaign folder (or the control's, which it holds) in place: the run's fp16 EMA export, its
+    train_config.json, the joined metrics.jsonl, and a model card whose campaign section is the chain of runs read
+    from those metrics. Returns the CPU-minutes the new weights carry."""
     new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     shutil.rmtree(new, ignore_errors=True)
     teasr("export", str(run), "-o", str(new), "--half")
     shutil.copy(run / "train_config.json", new)
-    joined = (folder / "metrics.jsonl").read_text() + (run / "metrics.jsonl").read_text()
+    earlier = (folder / "metrics.jsonl").read_text() if folder.exists() else ""  # a chain's first fold
+    joined = earlier + (run / "metrics.jsonl").read_text()
     (new / "metrics.jsonl").write_text(joined)
     card = (new / "README.md").read_text().replace(f"# {new.name}", f"# {folder.name}", 1)
     (new / "README.md").write_text(card.replace("## Training recipe", card_section(joined), 1))
-    folder.rename(old)
+    if (folder / CONTROL.name).is_dir():  # the control's chain rides in the campaign folder (addendum 9)
+        (folder / CONTROL.name).rename(new / CONTROL.name)
+    if folder.exists():
+        folder.rename(old)
     new.rename(folder)
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
+    return sum(r.get("cpu_min", 0) for r in chain([json.loads(line) for line in joined.splitlines()]))
 
 
 def curve() -> dict:
@@ -294,7 +302,9 @@ def main() -> None:
     e.add_argument("--name", required=True, help="m<CPU minutes>, default, control-m<N> or sampler-<what>")
     e.add_argument("--color-fix", default="wavelet", help="the sampler's colour fix (addendum 7)")
     sub.add_parser("judge", help="RULE.md line by line").add_argument("name")
-    sub.add_parser("fold", help="a finished run replaces the campaign folder").add_argument("run", type=Path)
+    f = sub.add_parser("fold", help="a finished run replaces the campaign folder")
+    f.add_argument("run", type=Path)
+    f.add_argument("--control", action="store_true", help="the conv control's run (addendum 9)")
     sub.add_parser("curve", help="campaign.png and campaign.json")
     a = p.parse_args()
     if a.cmd == "eval":
@@ -312,7 +322,8 @@ def main() -> None:
         else:
             print(f"{v['model']}: {'ships' if v['ships'] else 'does not ship; the campaign goes on'}")
     elif a.cmd == "fold":
-        fold(a.run)
+        folder = CONTROL if a.control else FOLDER
+        print(f"{folder.relative_to(ROOT)}: {fold(a.run, folder)} CPU-minutes")
     else:
         print(json.dumps(curve()))
 
