@@ -213,9 +213,9 @@ def chain(metrics: list[dict]) -> list[dict]:
     return runs
 
 
-def card_section(joined: str) -> str:
-    """The model card's campaign section: the chain of runs read from the joined metrics.jsonl."""
-    runs, total = chain([json.loads(line) for line in joined.splitlines()]), 0
+def card_section(runs: list[dict]) -> str:
+    """The model card's campaign section: the chain of runs (`chain` of the joined metrics.jsonl)."""
+    total = 0
     rows = []
     for r in runs:
         total += r.get("cpu_min", 0)
@@ -244,15 +244,16 @@ def fold(run: Path, folder: Path = FOLDER) -> int:
     earlier = (folder / "metrics.jsonl").read_text() if folder.exists() else ""  # a chain's first fold
     joined = earlier + (run / "metrics.jsonl").read_text()
     (new / "metrics.jsonl").write_text(joined)
+    runs = chain([json.loads(line) for line in joined.splitlines()])
     card = (new / "README.md").read_text().replace(f"# {new.name}", f"# {folder.name}", 1)
-    (new / "README.md").write_text(card.replace("## Training recipe", card_section(joined), 1))
+    (new / "README.md").write_text(card.replace("## Training recipe", card_section(runs), 1))
     if (folder / CONTROL.name).is_dir():  # the control's chain rides in the campaign folder (addendum 9)
         (folder / CONTROL.name).rename(new / CONTROL.name)
     if folder.exists():
         folder.rename(old)
     new.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-    return sum(r.get("cpu_min", 0) for r in chain([json.loads(line) for line in joined.splitlines()]))
+    return sum(r.get("cpu_min", 0) for r in runs)
 
 
 def curve() -> dict:
