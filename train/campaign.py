@@ -164,6 +164,16 @@ def sampler_rule(c: dict, d: dict) -> dict:
     }
 
 
+def model_lines(folder: Path, seam: dict, scores: list[dict]) -> dict:
+    """RULE.md's six lines for a model folder, with its size, the recorded speed and the seam check."""
+    mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+    # Speed depends on the network, not its weights: the recorded ratio holds for a folder of the same network.
+    bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
+    timed = [m for m, n in bench.get("networks", {}).items() if n == net]
+    speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
+    return rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed)
+
+
 def judge(name: str) -> dict:
     """Every line of RULE.md for the model evaluated as `name`, against `default` scored the same way; for the
     conv control (`control-m<N>`), addendum 2's bar that the default must hold against it; for a sampler setting
@@ -175,19 +185,13 @@ def judge(name: str) -> dict:
     control = name.startswith("control-")
     if control:
         found = {"lines": level(means(name, "realesrgan"), means("default", "realesrgan"))}
-    elif name.startswith("sampler-"):  # addendum 7; its line 5 is a look at the crops, not a number
-        scores = [{k: means(n, k) for k in KINDS} for n in (name, "default")]
-        found = {"lines": sampler_rule(*scores), "issue_bars": bars(*scores)}
-    else:
-        if "16/4" not in seam["grid_ratio"]["model"]:
+    else:  # the control is scored on realesrgan LR only, so only the others have every kind of LR
+        sampler = name.startswith("sampler-")  # addendum 7; its line 5 is a look at the crops, not a number
+        if not sampler and "16/4" not in seam["grid_ratio"]["model"]:
             raise SystemExit(f"{name} was evaluated before RULE.md's addendum 1; run `campaign.py eval` again")
-        mb = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
-        # Speed depends on the network, not its weights: the recorded ratio holds for a folder of the same network.
-        bench, net = json.loads(SPEED.read_text()), json.loads((folder / "config.json").read_text())["model"]
-        timed = [m for m, n in bench.get("networks", {}).items() if n == net]
-        speed = bench["realesrgan_over_teasr"][timed[0]] if timed else None
         scores = [{k: means(n, k) for k in KINDS} for n in (name, "default")]
-        found = {"lines": rule(*scores, seam["grid_ratio"]["model"]["16/4"], mb, speed), "issue_bars": bars(*scores)}
+        lines = sampler_rule(*scores) if sampler else model_lines(folder, seam, scores)
+        found = {"lines": lines, "issue_bars": bars(*scores)}
     verdict = {"model": str(folder.relative_to(ROOT)), "sha256": seam["sha256"]}
     if control:  # addenda 2-4: the bar is judged at the default's CPU-minutes; earlier exports are curve points
         verdict["verdict"] = "interim" if int(name.split("-m")[1]) < CONTROL_MINUTES else "final"
