@@ -240,7 +240,8 @@ def card_section(runs: list[dict]) -> str:
 def fold(run: Path, folder: Path = FOLDER) -> int:
     """Replace the campaign folder (or the control's, which it holds) in place: the run's fp16 EMA export, its
     train_config.json, the joined metrics.jsonl, and a model card whose campaign section is the chain of runs read
-    from those metrics. Returns the CPU-minutes the new weights carry."""
+    from those metrics. Returns the CPU-minutes of the chain's runs: what the control's weights carry, since its
+    chain has no branches; the campaign's chain also holds the branches that were not kept."""
     new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     shutil.rmtree(new, ignore_errors=True)
     teasr("export", str(run), "-o", str(new), "--half")
@@ -328,7 +329,7 @@ def main() -> None:
             print(f"{v['model']}: {'ships' if v['ships'] else 'does not ship; the campaign goes on'}")
     elif a.cmd == "fold":
         folder = CONTROL if a.control else FOLDER
-        print(f"{folder.relative_to(ROOT)}: {fold(a.run, folder)} CPU-minutes")
+        print(f"{folder.relative_to(ROOT)}: {fold(a.run, folder)} CPU-minutes in its chain of runs")
     else:
         print(json.dumps(curve()))
 
