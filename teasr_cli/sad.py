@@ -32,6 +32,10 @@ class SADConfig:
     tar_s_min: float = 0.02  # clamp s >= s_min before w(s): w blows up as s -> 0
     tar_w_max: float = 10.0  # and bound w(s) <= w_max (both bounds apply)
     rect_norm: bool = False  # DMD's normaliser: dv as a data-space gap relative to the distance to the real estimate
+    # Beyond DESIGN.md: the pixel anchor on the last jump of an N-step sampler run, N drawn per sample from
+    # last_steps. The data term trains only the one-step jump, and the multi-step path drifted away from it.
+    lambda_last: float = 0.0
+    last_steps: tuple[int, ...] = (2, 4)
 
 
 def _b(t, z):
@@ -74,6 +78,19 @@ def one_step_fake(model, eps, z_lq):
     ones = torch.ones(eps.shape[0], device=eps.device)
     f = model(eps, ones, z_lq, ones * 0)
     return f, eps - f
+
+
+def last_jump(model, eps, z_lq, n):
+    """The output of an n-step sampler run from eps (n: (B,) step counts): the first n - 1 Euler jumps under
+    no_grad, the last one, from tau = 1/n, with gradient. Samples with fewer steps wait at tau with jumps of
+    length 0, so one batch mixes step counts."""
+    z, n = eps, n.to(eps.dtype)
+    tau = 1 / n
+    with torch.no_grad():
+        for i in range(int(n.max()) - 1):
+            t, s = (1 - i / n).clamp(min=tau), (1 - (i + 1) / n).clamp(min=tau)
+            z = z - _b(t - s, z) * model(z, t, z_lq, s)
+    return z - _b(tau, z) * model(z, tau, z_lq, tau * 0)
 
 
 def data_loss(x_fake, x0, lpips=None, lambda_lpips: float = 1.0, shift=None, jitter: int = 1):
@@ -134,14 +151,15 @@ def sad_losses(
 ) -> dict:
     """Every loss term of one SAD step; returns {name: scalar}, with the weighted sum under "loss".
 
-    draws: eps, t, s_cons, eps_one, t_adv, eps_adv, s_rect, eps_rect (per-sample noise and times).
+    draws: eps, t, s_cons, eps_one, t_adv, eps_adv, s_rect, eps_rect, n_last (per-sample noise, times, steps).
     With `backward(loss)`, each graph is back-propagated as soon as its terms exist and then freed
-    (flow; cons; data + rect, which share the one-step graph; adv): the same gradient as one backward
+    (flow; cons; data + rect, which share the one-step graph; last; adv): the same gradient as one backward
     of the sum, at the peak memory of one graph instead of four. Every graph but the last is built and
     back-propagated under `no_sync()`, so DDP reduces the summed gradient once. Returned values are
     then detached.
     """
     eps, t = draws["eps"], draws["t"]
+    shift = draws["lpips_shift"] if cfg.lpips_jitter > 1 else None
     one_step = max(cfg.lambda_data, cfg.lambda_rect) > 0
     fake = {}
 
@@ -156,7 +174,6 @@ def sad_losses(
         fake["z"] = z_fake.detach()
         terms = {}
         if cfg.lambda_data > 0:
-            shift = draws["lpips_shift"] if cfg.lpips_jitter > 1 else None
             terms["data"] = (
                 cfg.lambda_data,
                 data_loss(decode(z_fake), x0, lpips, cfg.lambda_lpips, shift, cfg.lpips_jitter),
@@ -168,6 +185,10 @@ def sad_losses(
             )
         return terms
 
+    def last():
+        x_last = decode(last_jump(model, draws["eps_one"], z_lq, draws["n_last"]))
+        return {"last": (cfg.lambda_last, data_loss(x_last, x0, lpips, cfg.lambda_lpips, shift, cfg.lpips_jitter))}
+
     def adv():
         if "z" not in fake:  # no data/rect term: the one-step output is only a target
             with torch.no_grad():
@@ -178,6 +199,7 @@ def sad_losses(
         [flow] * (cfg.lambda_flow > 0)
         + [cons] * (cfg.lambda_cons > 0)
         + [data_rect] * one_step
+        + [last] * (cfg.lambda_last > 0)
         + [adv] * (cfg.lambda_adv > 0)
     )
     out, loss = {}, 0.0
@@ -209,5 +231,6 @@ def draw_sample(shape, cfg: SADConfig, generator: torch.Generator) -> dict:
     d["eps_rect"] = torch.randn(shape, generator=generator)
     d["lpips_shift"] = torch.randint(
         0, max(cfg.lpips_jitter, 1), (2,), generator=generator
-    )  # last: the rest stays as before
+    )  # these two last: the rest stays as before
+    d["n_last"] = torch.tensor(cfg.last_steps)[torch.randint(0, len(cfg.last_steps), (), generator=generator)]
     return d

@@ -108,6 +108,8 @@ class TrainConfig:
             raise TeasrError(f"unknown training config keys: {', '.join(bad)}")
         if "betas" in raw:
             raw["betas"] = tuple(raw["betas"])
+        if "last_steps" in sad:
+            sad["last_steps"] = tuple(sad["last_steps"])
         cfg = cls(**raw, sad=SADConfig(**sad))
         if cfg.stage not in ("prior", "sad", "regress"):
             raise TeasrError(f"--stage must be prior, sad or regress, not {cfg.stage!r}")
@@ -123,6 +125,8 @@ class TrainConfig:
             raise TeasrError(f"lr_schedule must be constant or linear, not {cfg.lr_schedule!r}")
         if cfg.lora_lr < 0:
             raise TeasrError(f"lora_lr must be >= 0 (0 = lr), not {cfg.lora_lr}")
+        if not cfg.sad.last_steps or not all(isinstance(n, int) and n >= 1 for n in cfg.sad.last_steps):
+            raise TeasrError(f"sad.last_steps must be step counts >= 1, not {list(cfg.sad.last_steps)!r}")
         if cfg.crop % (cfg.scale * 8):
             raise TeasrError(f"crop {cfg.crop} must be a multiple of {cfg.scale * 8}")
         return cfg
@@ -323,7 +327,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def stage_sad_config(cfg: TrainConfig) -> SADConfig:
     """The prior stage is plain conditional flow matching, the regress stage only the pixel anchor (MSE + LPIPS
     on the one-pass output): every other term off."""
-    off = {"lambda_cons": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0}
+    off = {"lambda_cons": 0.0, "lambda_adv": 0.0, "lambda_rect": 0.0, "lambda_last": 0.0}
     if cfg.stage == "prior":
         return SADConfig(**{**asdict(cfg.sad), **off, "lambda_data": 0.0})
     if cfg.stage == "regress":

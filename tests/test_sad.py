@@ -16,6 +16,7 @@ from teasr_cli.sad import (
     data_loss,
     draw_sample,
     flow_loss,
+    last_jump,
     one_step_fake,
     rect_loss,
     sad_losses,
@@ -321,7 +322,7 @@ def test_per_graph_backward_equals_one_backward_of_the_sum():
     g = torch.Generator().manual_seed(1)
     z0, zl = torch.randn(2, 48, 4, 4, generator=g), torch.randn(2, 48, 4, 4, generator=g)
     d = _draws(5, (48, 4, 4))
-    cfg = SADConfig(lambda_cons=0.5, lambda_data=2.0, lambda_adv=0.25, lambda_rect=3.0)
+    cfg = SADConfig(lambda_cons=0.5, lambda_data=2.0, lambda_adv=0.25, lambda_rect=3.0, lambda_last=1.5)
     kw = dict(decode=lambda z: torch.pixel_shuffle(z, 4), x0=torch.pixel_shuffle(z0, 4).clamp(-1, 1))
     whole = sad_losses(model, z0, zl, d, cfg, **kw)
     whole["loss"].backward()
@@ -340,7 +341,7 @@ def test_per_graph_backward_equals_one_backward_of_the_sum():
         loss.backward()
 
     split = sad_losses(model, z0, zl, d, cfg, backward=backward, no_sync=no_sync, **kw)
-    assert calls == [1, 2, 3, 3]  # 4 graphs; the last one is built and reduced outside no_sync
+    assert calls == [1, 2, 3, 4, 4]  # 5 graphs; the last one is built and reduced outside no_sync
     assert not any(v.requires_grad for v in split.values())
     for k in whole:
         assert split[k].item() == pytest.approx(whole[k].item(), rel=1e-6), k
@@ -353,10 +354,27 @@ def test_draw_sample_reproducible_per_generator_seed():
     a = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     b = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     c = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(12))
-    assert set(a) == {"eps", "t", "s_cons", "eps_one", "t_adv", "eps_adv", "s_rect", "eps_rect", "lpips_shift"}
+    assert set(a) == {
+        "eps",
+        "t",
+        "s_cons",
+        "eps_one",
+        "t_adv",
+        "eps_adv",
+        "s_rect",
+        "eps_rect",
+        "lpips_shift",
+        "n_last",
+    }
     assert a["lpips_shift"].tolist() == [0, 0]  # no jitter configured
     j = draw_sample(shape, SADConfig(lpips_jitter=4), torch.Generator().manual_seed(11))
-    assert all(torch.equal(a[k], j[k]) for k in a if k != "lpips_shift")  # jitter adds a draw, changes none
+    jittered = ("lpips_shift", "n_last")  # jitter adds a draw, changes none before it
+    assert all(torch.equal(a[k], j[k]) for k in a if k not in jittered)
+    counts = {
+        draw_sample(shape, SADConfig(last_steps=(2, 4)), torch.Generator().manual_seed(i))["n_last"].item()
+        for i in range(20)
+    }
+    assert counts == {2, 4}
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["eps"], c["eps"]) and a["t"] != c["t"]
     for k in ("eps", "eps_one", "eps_adv", "eps_rect"):
@@ -366,3 +384,48 @@ def test_draw_sample_reproducible_per_generator_seed():
         d = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(seed))
         assert 0 <= d["s_cons"] <= d["t"] < 1  # s ~ U(0, t)
         assert 1e-3 <= d["t_adv"] <= 1 and 1e-3 <= d["s_rect"] <= 1
+
+
+def test_last_jump_is_the_samplers_output_with_gradient_through_the_last_jump_only():
+    from teasr_cli.sampler import sample
+
+    _, zl, eps, _ = tensors(21)
+    m, n = Linear(), torch.tensor([2, 4])
+    x = last_jump(m, eps, zl, n)
+    x.sum().backward()
+
+    def velocity(z, t, z_lq, s):  # the sampler's call: float times
+        return m(z, torch.full((z.shape[0],), t), z_lq, torch.full((z.shape[0],), s))
+
+    z_tau = []
+    for i, steps in enumerate(n.tolist()):
+        states = []
+        with torch.no_grad():
+            out = sample(velocity, eps[i : i + 1], zl[i : i + 1], steps, lambda k, _, z: states.append(z))
+        torch.testing.assert_close(x[i : i + 1].detach(), out)
+        z_tau.append(states[-2])  # after n - 1 jumps: where the last one starts
+    # the gradient is the last jump's alone, from the sampler's state at tau = 1/n held fixed
+    fresh, z_tau, tau = Linear(), torch.cat(z_tau), torch.tensor([1 / 2, 1 / 4])
+    (z_tau - tau.view(-1, 1, 1, 1) * fresh(z_tau, tau, zl, tau * 0)).sum().backward()
+    for p, want in zip(m.parameters(), fresh.parameters()):
+        torch.testing.assert_close(p.grad, want.grad)
+
+
+def test_last_jump_of_an_x0_oracle_lands_on_the_data_at_any_step_count():
+    z0, zl, eps, _ = tensors(22)
+    oracle = lambda z, t, z_lq, s: (z - z0) / t.view(-1, 1, 1, 1)  # noqa: E731
+    for n in ([1, 3], [2, 4], [5, 30]):
+        torch.testing.assert_close(last_jump(oracle, eps, zl, torch.tensor(n)), z0)
+
+
+def test_sad_losses_last_term_is_the_data_loss_of_the_last_jump():
+    z0, zl, *_ = tensors(23)
+    d = _draws(4)
+    d["n_last"] = torch.tensor([3, 2])
+    x0 = z0.tanh()
+    cfg = SADConfig(lambda_flow=0, lambda_cons=0, lambda_data=0, lambda_adv=0, lambda_rect=0, lambda_last=2.0)
+    out = sad_losses(Linear(), z0, zl, d, cfg, decode=lambda z: 2 * z, x0=x0)
+    assert set(out) == {"last", "loss"}
+    want = mse(2 * last_jump(Linear(), d["eps_one"], zl, d["n_last"]), x0)
+    assert out["last"].item() == pytest.approx(want, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(2 * want, rel=1e-6)

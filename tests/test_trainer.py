@@ -137,6 +137,7 @@ def test_config_recipe_stage_tables_and_overrides(tmp_path):
         ("lr = \n", {}, "cannot read recipe"),
         ('lr_schedule = "cosine"\n', {}, "constant or linear"),
         ("lora_lr = -1e-4\n", {}, "lora_lr"),
+        ("[sad]\nlast_steps = [4, 0]\n", {}, "sad.last_steps"),
     ],
 )
 def test_config_errors_are_one_line_teasr_errors(tmp_path, text, kw, words):
