@@ -354,18 +354,7 @@ def test_draw_sample_reproducible_per_generator_seed():
     a = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     b = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(11))
     c = draw_sample(shape, SADConfig(), torch.Generator().manual_seed(12))
-    assert set(a) == {
-        "eps",
-        "t",
-        "s_cons",
-        "eps_one",
-        "t_adv",
-        "eps_adv",
-        "s_rect",
-        "eps_rect",
-        "lpips_shift",
-        "n_last",
-    }
+    assert set(a) == set("eps t s_cons eps_one t_adv eps_adv s_rect eps_rect lpips_shift n_last".split())
     assert a["lpips_shift"].tolist() == [0, 0]  # no jitter configured
     j = draw_sample(shape, SADConfig(lpips_jitter=4), torch.Generator().manual_seed(11))
     jittered = ("lpips_shift", "n_last")  # jitter adds a draw, changes none before it
