@@ -684,6 +684,7 @@ def train(
     """Train with Self-Adversarial Distillation (stage sad) or train the generative prior (stage prior)."""
     from teasr_cli import trainer
     from teasr_cli.data import list_images
+    from teasr_cli.sad import LOSS_TERMS
 
     if export is not None:
         warn("`teasr train --export` is now `teasr export RUN -o DIR`; the alias goes in the next release")
@@ -743,9 +744,7 @@ def train(
 
         def on_log(rec):
             if "step" in rec and "loss" in rec:
-                terms = " ".join(
-                    f"{k} {rec[k]:.4f}" for k in ("loss", "flow", "cons", "data", "adv", "rect") if k in rec
-                )
+                terms = " ".join(f"{k} {rec[k]:.4f}" for k in LOSS_TERMS if k in rec)
                 bar.update(task, completed=rec["step"], info=f"{terms} | {rec['it_s']:.2f} it/s")
             elif rec.get("event") == "export":
                 bar.update(task, completed=rec["step"])

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# The names sad_losses returns, in the order progress lines and summaries show them.
+LOSS_TERMS = ("loss", "flow", "cons", "data", "last", "adv", "rect")
+
 
 @dataclass
 class SADConfig:

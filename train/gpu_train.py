@@ -34,6 +34,7 @@ from teasr_cli.codecs import build_codec  # noqa: E402
 from teasr_cli.data import HQImages, list_images  # noqa: E402
 from teasr_cli.errors import TeasrError  # noqa: E402
 from teasr_cli.loader import batch_stream  # noqa: E402
+from teasr_cli.sad import LOSS_TERMS  # noqa: E402
 
 CAMPAIGN = ROOT / "train/checkpoints/campaign"
 SHIPPED = ROOT / "teasr_cli/weights"
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
         "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "train_s": train_s,
         "total_s": time.time() - t_start,
-        "last_loss": {k: v for k, v in steps[-1].items() if k in ("loss", "flow", "cons", "data", "adv", "rect")},
+        "last_loss": {k: v for k, v in steps[-1].items() if k in LOSS_TERMS},
         "weights": weights,
         "train_config": json.loads((run / "train_config.json").read_text()),
     }
