@@ -29,6 +29,7 @@ from teasr_cli.trainer import (
     latest_checkpoint,
     make_batch,
     pick_degradation,
+    stage_sad_config,
     train,
 )
 
@@ -155,6 +156,19 @@ def test_shipped_recipe_loads_for_every_stage():
     regress = TrainConfig.load(str(recipe), stage="regress", data="d")
     assert prior.ema > 0 and sad.ema < prior.ema and sad.lora_rank == 32 and prior.steps != sad.steps
     assert regress.lpips == "alex" and regress.model == prior.model and regress.crop == prior.crop
+
+
+def test_prior_and_regress_stages_keep_only_their_own_term():
+    """Every SAD weight on in the recipe: stage prior trains flow matching alone, regress the pixel anchor alone."""
+    on = {f"lambda_{k}": 2.0 for k in ("flow", "cons", "data", "adv", "rect", "last")}
+
+    def terms(stage):
+        sad = stage_sad_config(TrainConfig.load(None, stage=stage, init="m", data="d", sad=on))
+        return {k: getattr(sad, k) for k in on if getattr(sad, k) > 0}
+
+    assert terms("prior") == {"lambda_flow": 2.0}
+    assert terms("regress") == {"lambda_data": 1.0}
+    assert terms("sad") == on
 
 
 # ----------------------------------------------------------------------------- condition-branch LoRA
