@@ -85,14 +85,15 @@ def one_step_fake(model, eps, z_lq):
 
 def last_jump(model, eps, z_lq, n):
     """The output of an n-step sampler run from eps (n: (B,) step counts): the first n - 1 Euler jumps under
-    no_grad, the last one, from tau = 1/n, with gradient. Samples with fewer steps wait at tau with jumps of
-    length 0, so one batch mixes step counts."""
-    z, n = eps, n.to(eps.dtype)
+    no_grad, the last one, from tau = 1/n, with gradient. One batch mixes step counts: each no_grad forward
+    takes only the samples with a jump left before their last, so none pays for another's step count."""
+    z, n = eps.clone(), n.to(eps.dtype)
     tau = 1 / n
     with torch.no_grad():
         for i in range(int(n.max()) - 1):
-            t, s = (1 - i / n).clamp(min=tau), (1 - (i + 1) / n).clamp(min=tau)
-            z = z - _b(t - s, z) * model(z, t, z_lq, s)
+            m = n > i + 1
+            t, s = 1 - i / n[m], 1 - (i + 1) / n[m]
+            z[m] = z[m] - _b(t - s, z[m]) * model(z[m], t, z_lq[m], s)
     return z - _b(tau, z) * model(z, tau, z_lq, tau * 0)
 
 

@@ -401,10 +401,19 @@ def test_last_jump_is_the_samplers_output_with_gradient_through_the_last_jump_on
 
 
 def test_last_jump_of_an_x0_oracle_lands_on_the_data_at_any_step_count():
-    z0, zl, eps, _ = tensors(22)
-    oracle = lambda z, t, z_lq, s: (z - z0) / t.view(-1, 1, 1, 1)  # noqa: E731
+    z0, _, eps, _ = tensors(22)
+    oracle = lambda z, t, z_lq, s: (z - z_lq) / t.view(-1, 1, 1, 1)  # noqa: E731  (the condition is the data)
     for n in ([1, 3], [2, 4], [5, 30]):
-        torch.testing.assert_close(last_jump(oracle, eps, zl, torch.tensor(n)), z0)
+        torch.testing.assert_close(last_jump(oracle, eps, z0, torch.tensor(n)), z0)
+
+
+def test_last_jump_runs_each_sample_through_its_own_step_count_only():
+    _, zl, eps, _ = tensors(24)
+    m = Linear()
+    last_jump(m, eps, zl, torch.tensor([2, 4]))
+    # (t, s) of each forward: both samples' first jump, the 4-step sample's second and third, both last jumps
+    want = [([1, 1], [0.5, 0.75]), ([0.75], [0.5]), ([0.5], [0.25]), ([0.5, 0.25], [0, 0])]
+    assert [(t.tolist(), s.tolist()) for t, s in m.calls] == want
 
 
 def test_sad_losses_last_term_is_the_data_loss_of_the_last_jump():

@@ -564,11 +564,12 @@ def test_sad_stage_run_changes_only_condition_branch(photos, prior_dir, tmp_path
             lora_rank=4,
             lora_alpha=4,
             lpips=lpips,
+            sad={"lambda_last": 1.0, "last_steps": [2, 4]},
         ),
         callback=recs.append,
     )
     log = [r for r in recs if "loss" in r][-1]
-    assert {"flow", "cons", "data", "adv", "rect"} <= log.keys() and np.isfinite(log["loss"])
+    assert {"flow", "cons", "data", "adv", "rect", "last"} <= log.keys() and np.isfinite(log["loss"])
     prior, got = load_file(prior_dir / "model.safetensors"), load_file(out / "model.safetensors")
     lora_keys = {k for k in got if ".lora_" in k}
     for k, v in prior.items():
